@@ -1,0 +1,26 @@
+"""jsoftmax: numerically stable softmax, log-softmax, logsumexp and cross-entropy for JAX.
+
+Every function here is pure and works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
+See ``README.md`` for a tour and ``../shared/SPEC.md`` for the contract.
+"""
+
+__version__ = "0.1.0"
+
+# --- softmax family (jsoftmax/_softmax.py)
+from jsoftmax._softmax import hardmax as hardmax
+from jsoftmax._softmax import log_softmax as log_softmax
+from jsoftmax._softmax import logsumexp as logsumexp
+from jsoftmax._softmax import softmax as softmax
+from jsoftmax._softmax import softmax2d as softmax2d
+
+# --- losses (jsoftmax/_losses.py, jsoftmax/_checks.py)
+# --- end losses
+
+# --- large vocabularies (jsoftmax/_large_vocab.py)
+# --- end large vocabularies
+
+# --- calibration and open-set recognition (jsoftmax/_calibration.py)
+# --- end calibration
+
+# --- optax drop-ins: `jsoftmax.optax` (jsoftmax/optax.py)
+# --- end optax
