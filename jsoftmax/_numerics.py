@@ -184,8 +184,13 @@ def masked_logits(
     which poisons the row instead of being silently ignored.
     """
     u = upcast(x)
-    if temperature is not None:
-        u = u / jnp.asarray(temperature, u.dtype)
+    if isinstance(temperature, float):
+        u = u / temperature
+    elif temperature is not None:
+        # A traced T cannot be checked at trace time: T <= 0 poisons the row with NaN
+        # (x / -T would be a silently plausible wrong answer).
+        t = jnp.asarray(temperature, u.dtype)
+        u = jnp.where(t > 0, u / t, jnp.nan)
     if weights is not None:
         w = weights.astype(u.dtype)
         u = jnp.where(w == 0, -jnp.inf, u + jnp.log(w))

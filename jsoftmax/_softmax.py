@@ -146,19 +146,24 @@ def _log_softmax_jvp(axes, primals, tangents):
     tx, tt, tw, _ = tangents
     lp = _log_softmax(x, t, w, where, axes)
     keep = lambda a: None if _is_zero(a) else a  # noqa: E731
-    return lp, _log_softmax_tangent(lp, t, w, keep(tx), keep(tt), keep(tw), axes)
+    return lp, _log_softmax_tangent(x, t, w, where, keep(tx), keep(tt), keep(tw), axes)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(6,))
-def _log_softmax_tangent(lp, t, w, tx, tt, tw, axes):
-    # Checkpointed so that reverse mode keeps only the output ``lp`` as residual and
-    # recomputes ``p = exp(lp)`` and the admissibility mask in the backward pass.
-    lp32 = num.upcast(lp)
-    admissible = lp32 > -jnp.inf
-    tu = _logit_tangent(lp, t, w, tx, tt, tw, jnp.where(admissible, lp32, 0.0))
-    tu = jnp.where(admissible, tu, 0.0)
-    tlp = tu - jnp.sum(jnp.exp(lp32) * tu, axis=axes, keepdims=True)
-    return jnp.where(admissible, tlp, 0.0).astype(lp.dtype)
+@functools.partial(jax.checkpoint, static_argnums=(7,), prevent_cse=False)
+def _log_softmax_tangent(x, t, w, where, tx, tt, tw, axes):
+    # Checkpointed: reverse mode keeps no (N, C) residual beyond the inputs and
+    # recomputes p = softmax(x) in the backward pass. Inside one jit the recomputation
+    # is the same expression as the forward's exp(u - max u), which XLA shares, so
+    # forward + backward cost one exp per element.
+    shifted, s, _, _ = _forward(x, t, w, where, axes)
+    p = jnp.exp(shifted) * (1.0 / jnp.where(s > 0, s, 1.0))
+    admissible = shifted > -jnp.inf
+    log_p = None if tt is None else jnp.where(admissible, shifted - num.safe_log(s), 0.0)
+    tu = _logit_tangent(x, t, w, tx, tt, tw, log_p)
+    # p = 0 on inadmissible entries, so their input tangents drop out of the sum;
+    # the output mask keeps the (constant) -inf outputs at zero tangent.
+    tlp = tu - jnp.sum(p * tu, axis=axes, keepdims=True)
+    return jnp.where(admissible, tlp, 0.0).astype(x.dtype)
 
 
 _log_softmax.defjvp(_log_softmax_jvp, symbolic_zeros=True)
@@ -194,7 +199,7 @@ def log_softmax(
     Examples:
       >>> import jsoftmax as jsm
       >>> jsm.log_softmax(jnp.array([2.0, 0.5, 6.0]))
-      Array([-4.0225334, -5.5225334, -0.0225334], dtype=float32)
+      Array([-4.0221553 , -5.5221553 , -0.02215516], dtype=float32)
     """
     x, axes, where, t, w = _prepare(x, axis, where, temperature, weights)
     return _log_softmax(x, t, w, where, axes)
@@ -214,7 +219,7 @@ def _logsumexp(x, w, where, axes):
     return _lse_forward(x, w, where, axes).astype(x.dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3,))
+@functools.partial(jax.checkpoint, static_argnums=(3,), prevent_cse=False)
 def _lse_tangent(x, w, where, axes, tx, tw):
     # Under jax.checkpoint the softmax below is recomputed in the backward pass from
     # (x, w, where), so reverse mode saves no (N, C) copy of exp(x).
