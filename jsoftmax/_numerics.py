@@ -87,7 +87,9 @@ def check_broadcast(arr: jax.Array, shape: tuple[int, ...], name: str) -> None:
     except ValueError:
         out = None
     if out != tuple(shape):
-        raise ValueError(f"`{name}` of shape {arr.shape} does not broadcast to the input shape {shape}.")
+        raise ValueError(
+            f"`{name}` of shape {arr.shape} does not broadcast to the input shape {shape}."
+        )
 
 
 def check_where(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:

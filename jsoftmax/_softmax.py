@@ -312,7 +312,7 @@ def hardmax(x: ArrayLike, axis: int = -1) -> jax.Array:
 
 
 def softmax2d(x: ArrayLike) -> jax.Array:
-    r"""Softmax over the channel axis of ``(C, H, W)`` or ``(N, C, H, W)``, as ``torch.nn.Softmax2d``.
+    r"""Softmax over the channel axis of ``(C, H, W)`` or ``(N, C, H, W)`` (``torch.nn.Softmax2d``).
 
     .. math::
         p_{c,h,w} = e^{x_{c,h,w}} / \sum_{c'} e^{x_{c',h,w}}
@@ -333,5 +333,7 @@ def softmax2d(x: ArrayLike) -> jax.Array:
     """
     x = num.as_float(x)
     if x.ndim not in (3, 4):
-        raise ValueError(f"softmax2d expects a (C, H, W) or (N, C, H, W) input, got shape {x.shape}.")
+        raise ValueError(
+            f"softmax2d expects a (C, H, W) or (N, C, H, W) input, got shape {x.shape}."
+        )
     return softmax(x, axis=-3)

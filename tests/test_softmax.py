@@ -1,8 +1,8 @@
 """Tests for jsoftmax/_softmax.py: softmax, log_softmax, logsumexp, hardmax, softmax2d."""
 
+import contextlib
 import functools
 import io
-import contextlib
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jax.ad_checkpoint import print_saved_residuals
 from jax.test_util import check_grads
 
 import jsoftmax as jsm
@@ -69,7 +69,9 @@ def test_log_softmax_worked_example_matches_float64():
 def test_logsumexp_and_hardmax_small_cases():
     np.testing.assert_allclose(jsm.logsumexp(jnp.array([0.0, 0.0])), np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(
-        jsm.logsumexp(jnp.array([1.0, 2.0]), weights=jnp.array([2.0, 0.0])), 1 + np.log(2), rtol=1e-6
+        jsm.logsumexp(jnp.array([1.0, 2.0]), weights=jnp.array([2.0, 0.0])),
+        1 + np.log(2),
+        rtol=1e-6,
     )
     np.testing.assert_array_equal(jsm.hardmax(jnp.array([1.0, 3.0, 3.0, -1.0])), [0, 1, 0, 0])
     np.testing.assert_array_equal(
@@ -95,13 +97,17 @@ def test_edge_rows_finite_values_and_grads(name):
     x = jnp.array([EDGE_ROWS[name], [0.5, -0.5, 1.0, 2.0]], jnp.float32)
     p = jsm.softmax(x)
     assert np.all(np.isfinite(p))
-    np.testing.assert_allclose(np.sum(p, -1), [0.0 if name == "all_neg_inf" else 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(
+        np.sum(p, -1), [0.0 if name == "all_neg_inf" else 1.0, 1.0], atol=1e-6
+    )
     lp = jsm.log_softmax(x)
     assert not np.any(np.isnan(lp))
     np.testing.assert_allclose(np.exp(lp), p, atol=1e-6)
     g = jax.random.normal(jax.random.key(0), x.shape)
     for f in FAMILY:
-        loss = lambda x, f=f: jnp.sum(jnp.where(jnp.isfinite(f(x)), f(x), 0.0) * g[..., : f(x).shape[-1]])
+        loss = lambda x, f=f: jnp.sum(
+            jnp.where(jnp.isfinite(f(x)), f(x), 0.0) * g[..., : f(x).shape[-1]]
+        )
         grad = jax.jit(jax.grad(loss))(x)
         assert np.all(np.isfinite(grad)), (f.__name__, grad)
         _, tangent = jax.jvp(f, (x,), (g,))
@@ -120,7 +126,9 @@ def test_huge_logits_match_reference():
     x = np.array([1e30, -1e30, 1e30, 0.0])
     np.testing.assert_allclose(jsm.softmax(jnp.asarray(x, jnp.float32)), [0.5, 0, 0.5, 0])
     np.testing.assert_allclose(jsm.logsumexp(jnp.asarray(x, jnp.float32)), 1e30, rtol=1e-6)
-    np.testing.assert_allclose(jsm.softmax(jnp.asarray(x, jnp.bfloat16)).astype(np.float32), [0.5, 0, 0.5, 0])
+    np.testing.assert_allclose(
+        jsm.softmax(jnp.asarray(x, jnp.bfloat16)).astype(np.float32), [0.5, 0, 0.5, 0]
+    )
 
 
 def test_empty_rows_are_zero_with_zero_gradient_where_jax_nn_gives_nan():
@@ -150,11 +158,15 @@ def test_fully_masked_rows_in_every_spelling(kind):
     np.testing.assert_array_equal(p[0], 0.0)
     np.testing.assert_allclose(p[1], ref_softmax(np.asarray(x[1])), rtol=1e-6)
     for f in FAMILY:
-        grad = jax.grad(lambda x, f=f: jnp.sum(jnp.where(jnp.isfinite(y := f(x, **kw)), y, 0) ** 2))(xx)
+        grad = jax.grad(
+            lambda x, f=f: jnp.sum(jnp.where(jnp.isfinite(y := f(x, **kw)), y, 0) ** 2)
+        )(xx)
         assert np.all(np.isfinite(grad))
         np.testing.assert_array_equal(grad[0], 0.0)
         # second order through the custom rules stays finite too
-        hess = jax.hessian(lambda r, f=f: jnp.sum(jnp.where(jnp.isfinite(y := f(r, **kw)), y, 0)))(xx)
+        hess = jax.hessian(lambda r, f=f: jnp.sum(jnp.where(jnp.isfinite(y := f(r, **kw)), y, 0)))(
+            xx
+        )
         assert np.all(np.isfinite(hess))
 
 
@@ -177,7 +189,9 @@ def test_masked_entries_get_exactly_zero_and_no_gradient():
 def rows(min_side=1, max_side=6, min_dims=1, max_dims=3):
     return hnp.arrays(
         np.float64,
-        hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side),
+        hnp.array_shapes(
+            min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side
+        ),
         elements=st.floats(-30, 30, allow_nan=False, width=32),
     )
 
@@ -196,7 +210,9 @@ def test_rows_sum_to_one_and_match_float64(xa, dtype):
     xd = jnp.asarray(x, dtype)
     p = jax.jit(jsm.softmax, static_argnums=1)(xd, axis)
     assert p.dtype == xd.dtype
-    np.testing.assert_allclose(np.sum(np.asarray(p, np.float64), axis), 1.0, atol=tol * x.shape[axis])
+    np.testing.assert_allclose(
+        np.sum(np.asarray(p, np.float64), axis), 1.0, atol=tol * x.shape[axis]
+    )
     ref = ref_softmax(np.asarray(xd.astype(jnp.float32), np.float64), axis=axis)
     np.testing.assert_allclose(np.asarray(p, np.float64), ref, atol=tol)
     lse = jsm.logsumexp(xd, axis)
@@ -210,7 +226,9 @@ def test_shift_invariance(xa, c):
     x, axis = xa
     x = jnp.asarray(x, jnp.float32)
     np.testing.assert_allclose(jsm.softmax(x + c, axis), jsm.softmax(x, axis), atol=2e-3)
-    np.testing.assert_allclose(jsm.log_softmax(x + c, axis), jsm.log_softmax(x, axis), atol=2e-3 * (1 + abs(c) / 1e3))
+    np.testing.assert_allclose(
+        jsm.log_softmax(x + c, axis), jsm.log_softmax(x, axis), atol=2e-3 * (1 + abs(c) / 1e3)
+    )
 
 
 @given(array_and_axis())
@@ -231,7 +249,9 @@ def test_weights_equal_adding_log_weights(xa, data):
     shape[axis] = c
     shifted = x + np.log(w).reshape(shape)
     xj = jnp.asarray(x, jnp.float32)
-    np.testing.assert_allclose(jsm.softmax(xj, axis, weights=w), ref_softmax(shifted, axis=axis), atol=1e-5)
+    np.testing.assert_allclose(
+        jsm.softmax(xj, axis, weights=w), ref_softmax(shifted, axis=axis), atol=1e-5
+    )
     np.testing.assert_allclose(
         jsm.logsumexp(xj, axis, weights=w),
         np.log(np.sum(np.exp(shifted), axis)),
@@ -245,7 +265,9 @@ def test_temperature_equals_dividing_logits(xa, t):
     x, axis = xa
     xj = jnp.asarray(x, jnp.float32)
     for f, ref in ((jsm.softmax, ref_softmax), (jsm.log_softmax, ref_log_softmax)):
-        np.testing.assert_allclose(f(xj, axis, temperature=t), ref(x / t, axis=axis), atol=1e-4, rtol=1e-5)
+        np.testing.assert_allclose(
+            f(xj, axis, temperature=t), ref(x / t, axis=axis), atol=1e-4, rtol=1e-5
+        )
         traced = jax.jit(lambda x, t, f=f: f(x, axis, temperature=t))(xj, jnp.float32(t))
         np.testing.assert_allclose(traced, ref(x / t, axis=axis), atol=1e-4, rtol=1e-5)
 
@@ -255,7 +277,9 @@ def test_where_matches_reference(xa, data):
     x, axis = xa
     where = data.draw(hnp.arrays(np.bool_, x.shape))
     xj = jnp.asarray(x, jnp.float32)
-    np.testing.assert_allclose(jsm.softmax(xj, axis, where=where), ref_softmax(x, axis=axis, where=where), atol=1e-6)
+    np.testing.assert_allclose(
+        jsm.softmax(xj, axis, where=where), ref_softmax(x, axis=axis, where=where), atol=1e-6
+    )
     lp = jsm.log_softmax(xj, axis, where=where)
     ref = ref_log_softmax(x, axis=axis, where=where)
     np.testing.assert_array_equal(np.isneginf(lp), np.isneginf(ref))
@@ -286,7 +310,12 @@ def test_check_grads_temperature_and_weights(x64, f):
     w = jnp.asarray(np.random.default_rng(3).uniform(0.2, 3.0, size=6), jnp.float64)
     check_grads(lambda t: f(x, temperature=t), (jnp.float64(0.7),), order=2, modes=("fwd", "rev"))
     check_grads(lambda w: f(x, weights=w), (w,), order=2, modes=("fwd", "rev"))
-    check_grads(lambda x, t, w: f(x, temperature=t, weights=w), (x, jnp.float64(1.7), w), order=1, modes=("fwd", "rev"))
+    check_grads(
+        lambda x, t, w: f(x, temperature=t, weights=w),
+        (x, jnp.float64(1.7), w),
+        order=1,
+        modes=("fwd", "rev"),
+    )
     check_grads(lambda w: jsm.logsumexp(x, weights=w), (w,), order=2, modes=("fwd", "rev"))
 
 
@@ -309,9 +338,15 @@ def test_gradients_match_jax_nn_on_finite_input():
         a = jax.vjp(ours, x)[1](g)[0]
         b = jax.vjp(theirs, x)[1](g)[0]
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(jax.jvp(ours, (x,), (g,))[1], jax.jvp(theirs, (x,), (g,))[1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(jsm.logsumexp(x) * g[:, 0]))(x),
-                               jax.grad(lambda x: jnp.sum(jax.nn.logsumexp(x, -1) * g[:, 0]))(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            jax.jvp(ours, (x,), (g,))[1], jax.jvp(theirs, (x,), (g,))[1], rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(jsm.logsumexp(x) * g[:, 0]))(x),
+        jax.grad(lambda x: jnp.sum(jax.nn.logsumexp(x, -1) * g[:, 0]))(x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -325,7 +360,10 @@ def test_half_precision_gradients_keep_dtype_and_are_accurate(dtype):
         ref = jax.vjp(ours, x.astype(jnp.float32))[1](g.astype(jnp.float32))[0]
         baseline = jax.vjp(theirs, x)[1](g)[0]
         # half-precision residuals bound the accuracy; never worse than jax.nn's own
-        tol = max(1.5 * rel_err(baseline.astype(jnp.float32), ref), 1e-2 if dtype == jnp.bfloat16 else 2e-3)
+        tol = max(
+            1.5 * rel_err(baseline.astype(jnp.float32), ref),
+            1e-2 if dtype == jnp.bfloat16 else 2e-3,
+        )
         assert rel_err(grad.astype(jnp.float32), ref) < tol
 
 
@@ -373,10 +411,15 @@ def test_sharded_inputs_and_shard_map():
         out = jax.jit(f)(xs)
         np.testing.assert_allclose(out, f(x), rtol=1e-6, atol=1e-6)
         grad = jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2)))(xs)
-        np.testing.assert_allclose(grad, jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2))(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            grad, jax.grad(lambda x, f=f: jnp.sum(f(x) ** 2))(x), rtol=1e-5, atol=1e-6
+        )
     # inside shard_map the class axis is local to each shard
     sm = jax.shard_map(
-        lambda b: jsm.log_softmax(b, where=b > -1.0), mesh=mesh, in_specs=P("data", None), out_specs=P("data", None)
+        lambda b: jsm.log_softmax(b, where=b > -1.0),
+        mesh=mesh,
+        in_specs=P("data", None),
+        out_specs=P("data", None),
     )
     np.testing.assert_allclose(jax.jit(sm)(x), jsm.log_softmax(x, where=x > -1.0), rtol=1e-6)
 
@@ -422,9 +465,13 @@ def test_hardmax_ties_dtype_and_zero_gradient():
     h = jsm.hardmax(x)
     assert h.dtype == jnp.bfloat16
     np.testing.assert_array_equal(h.astype(jnp.float32), [[1, 0, 0], [0, 0, 1]])
-    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(jsm.hardmax(x) * x))(x.astype(jnp.float32)),
-                                  [[1, 0, 0], [0, 0, 1]])  # only the product rule's x-term
-    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(jsm.hardmax(x) ** 2))(x.astype(jnp.float32)), 0.0)
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(jsm.hardmax(x) * x))(x.astype(jnp.float32)),
+        [[1, 0, 0], [0, 0, 1]],
+    )  # only the product rule's x-term
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(jsm.hardmax(x) ** 2))(x.astype(jnp.float32)), 0.0
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 4, 5)])
