@@ -20,6 +20,12 @@ from jsoftmax._softmax import softmax2d as softmax2d
 # --- end large vocabularies
 
 # --- calibration and open-set recognition (jsoftmax/_calibration.py)
+from jsoftmax._calibration import energy_score as energy_score
+from jsoftmax._calibration import expected_calibration_error as expected_calibration_error
+from jsoftmax._calibration import fit_temperature as fit_temperature
+from jsoftmax._calibration import max_softmax_probability as max_softmax_probability
+from jsoftmax._calibration import predict_with_rejection as predict_with_rejection
+from jsoftmax._calibration import reliability_diagram as reliability_diagram
 # --- end calibration
 
 # --- optax drop-ins: `jsoftmax.optax` (jsoftmax/optax.py)
