@@ -14,6 +14,13 @@ from jsoftmax._softmax import softmax as softmax
 from jsoftmax._softmax import softmax2d as softmax2d
 
 # --- losses (jsoftmax/_losses.py, jsoftmax/_checks.py)
+from jsoftmax._checks import checked as checked
+from jsoftmax._losses import binary_cross_entropy_with_logits as binary_cross_entropy_with_logits
+from jsoftmax._losses import class_weights as class_weights
+from jsoftmax._losses import cross_entropy as cross_entropy
+from jsoftmax._losses import focal_loss as focal_loss
+from jsoftmax._losses import logit_adjust as logit_adjust
+from jsoftmax._losses import nll_loss as nll_loss
 # --- end losses
 
 # --- large vocabularies (jsoftmax/_large_vocab.py)
