@@ -1,0 +1,393 @@
+"""Shared plumbing for the Pallas kernels: configuration, block sizes, backend dispatch,
+and the per-tile cross-entropy math used by both cross-entropy kernels.
+
+Every kernel in this package exists in two styles that share their per-tile math:
+
+* **Mosaic TPU style** -- a grid ``(row_blocks, ..., col_blocks)`` whose column axis is
+  ``"arbitrary"`` (sequential), running statistics in VMEM scratch, ragged edge tiles
+  masked with ``broadcasted_iota`` against the true width. Blocks respect the (8, 128)
+  vector tile (16 rows for 16-bit dtypes).
+* **Triton GPU style** -- a grid over row blocks, a ``lax.fori_loop`` over column chunks
+  inside the kernel, masked ``plgpu.load``/``plgpu.store`` on ``ref.at[pl.ds(...)]``
+  windows; every tile is a power of two (Triton's requirement).
+
+:func:`dispatch` picks one per platform with ``jax.lax.platform_dependent`` so a single
+traced function lowers to Mosaic for ``tpu`` and to Triton for ``cuda``/``rocm``; on any
+other platform (CPU) the Mosaic-style kernel runs in Pallas' interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from jsoftmax import _numerics as num
+
+BACKENDS = ("tpu", "gpu")
+
+# --------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static (hashable) kernel options, carried through ``custom_vjp`` as a nondiff arg.
+
+    ``backend`` forces one kernel style (``"tpu"`` or ``"gpu"``) regardless of the
+    platform; ``None`` (the public default) dispatches per platform. Forcing a style
+    with ``interpret=True`` is how the tests check both styles' numerics on CPU.
+    """
+
+    block_rows: int | None = None
+    block_cols: int | None = None
+    block_d: int | None = None
+    interpret: bool | None = None
+    backend: str | None = None
+
+
+def make_config(
+    block_rows: Any = None,
+    block_cols: Any = None,
+    block_d: Any = None,
+    interpret: Any = None,
+    backend: str | None = None,
+) -> Config:
+    """Validate the user-facing kernel keywords and bundle them into a :class:`Config`."""
+    for name, value in (
+        ("block_rows", block_rows),
+        ("block_cols", block_cols),
+        ("block_d", block_d),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"`{name}` must be a positive int or None, got {value!r}.")
+        if value <= 0:
+            raise ValueError(f"`{name}` must be a positive int or None, got {value}.")
+    if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
+        raise TypeError(f"`interpret` must be True, False or None, got {interpret!r}.")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS} or None, got {backend!r}.")
+    return Config(
+        block_rows=None if block_rows is None else int(block_rows),
+        block_cols=None if block_cols is None else int(block_cols),
+        block_d=None if block_d is None else int(block_d),
+        interpret=None if interpret is None else bool(interpret),
+        backend=backend,
+    )
+
+
+def check_matrix(x: Any, name: str) -> jax.Array:
+    """``x`` as a 2-D floating array; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be a floating array, got dtype {x.dtype}.")
+    if x.ndim != 2:
+        raise ValueError(
+            f"`{name}` must be 2-D (rows, classes); got shape {x.shape}. "
+            "The kernels work on the last axis of a matrix: reshape first."
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"`{name}` must have at least one row and one column, got {x.shape}.")
+    return x
+
+
+def check_labels(labels: Any, n_rows: int) -> jax.Array:
+    """Integer labels of shape ``(n_rows,)``, returned as an ``(n_rows, 1)`` int32 column."""
+    labels = num.check_integer_labels(labels, (n_rows,))
+    return labels.astype(jnp.int32).reshape(n_rows, 1)
+
+
+def check_loss_options(
+    ignore_index: Any, label_smoothing: Any, z_loss: Any
+) -> tuple[int, float, float]:
+    """Static cross-entropy hyperparameters (Python numbers; they shape the kernel)."""
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, (int, np.integer)
+    ):
+        raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}.")
+    out = []
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(
+                f"`{name}` must be a Python float (it is static in the kernels), got {value!r}."
+            )
+        out.append(float(value))
+    eps, lam = out
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1], got {eps}.")
+    if not lam >= 0.0:
+        raise ValueError(f"`z_loss` must be >= 0, got {lam}.")
+    return int(ignore_index), eps, lam
+
+
+# ----------------------------------------------------------------------- block sizes
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def next_pow2(a: int) -> int:
+    return 1 << max(0, int(a) - 1).bit_length()
+
+
+def sublanes(dtype: Any) -> int:
+    """Rows of one TPU vector tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit dtypes."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def tpu_block(n: int, requested: int | None, default: int, align: int) -> int:
+    """A Mosaic-legal block along a dimension of size ``n``.
+
+    Mosaic needs the two minor block dimensions to be multiples of the vector tile
+    (``align``) or equal to the whole dimension; a requested size is rounded up to
+    ``align`` and a block that would cover ``n`` becomes exactly ``n``.
+    """
+    b = round_up(default if requested is None else requested, align)
+    return n if b >= n else b
+
+
+def gpu_block(n: int, requested: int | None, default: int, minimum: int = 1) -> int:
+    """A Triton-legal (power-of-two) block along a dimension of size ``n``.
+
+    Never larger than ``n`` rounded up to a power of two (so a 3-row input does not get a
+    64-row tile), never smaller than ``minimum`` (16 where ``tl.dot`` needs it).
+    """
+    b = next_pow2(default if requested is None else requested)
+    return max(minimum, min(b, next_pow2(n)))
+
+
+def gpu_num_warps(tile_elems: int) -> int:
+    """Warps for a Triton program streaming ``tile_elems`` elements per step.
+
+    About 8-16 elements per thread keeps the tile in registers without spilling.
+    """
+    return int(min(16, max(4, tile_elems // 512)))
+
+
+# Row-wise kernels (softmax, cross-entropy). A TPU block holds 256k elements (1 MiB in
+# float32): with double-buffered inputs and output that is a few MiB of VMEM, inside the
+# 16 MiB default scoped limit of every TPU generation.
+TPU_BLOCK_ELEMS = 1 << 18
+# Rows up to this many columns are one column block (the forward is then single-pass).
+TPU_SINGLE_PASS_COLS = 8192
+TPU_COL_BLOCK = 2048
+# Elements per Triton program step; rows up to this long stay in registers (one pass).
+GPU_TILE_ELEMS = 8192
+# Short rows are stacked until a program streams at least this many elements.
+GPU_MIN_TILE = 2048
+
+
+def tpu_row_blocks(n: int, c: int, dtype: Any, block_rows: int | None, block_cols: int | None):
+    """``(block_rows, block_cols)`` for a row-wise Mosaic kernel on an ``(n, c)`` input."""
+    default_cols = c if c <= TPU_SINGLE_PASS_COLS else TPU_COL_BLOCK
+    bc = tpu_block(c, block_cols, default_cols, 128)
+    sub = sublanes(dtype)
+    default_rows = max(sub, min(1024, TPU_BLOCK_ELEMS // round_up(bc, 128)))
+    return tpu_block(n, block_rows, default_rows, sub), bc
+
+
+def gpu_row_blocks(n: int, c: int, block_rows: int | None, block_cols: int | None):
+    """``(block_rows, block_cols)`` (powers of two) for a row-wise Triton kernel."""
+    bc = gpu_block(c, block_cols, GPU_TILE_ELEMS)
+    br = gpu_block(n, block_rows, max(1, GPU_MIN_TILE // bc))
+    return br, bc
+
+
+def tpu_params(*semantics: str) -> pltpu.CompilerParams:
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def gpu_params(tile_elems: int, num_stages: int = 1) -> plgpu.CompilerParams:
+    # Passing Triton's params is what selects the Triton lowering over Mosaic GPU.
+    return plgpu.CompilerParams(num_warps=gpu_num_warps(tile_elems), num_stages=num_stages)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def dispatch(cfg: Config, tpu: Callable[..., Any], gpu: Callable[..., Any], *args: Any) -> Any:
+    """Run ``tpu(*args, interpret=...)`` or ``gpu(*args, interpret=...)`` by platform.
+
+    * ``cfg.backend`` set: that style only; ``interpret=None`` then means "interpret
+      when the default backend is CPU" (decided at trace time).
+    * ``interpret=True``: the Mosaic-style kernel in the interpreter, on any platform.
+    * ``interpret=None``: compiled Mosaic on TPU, compiled Triton on CUDA/ROCm, the
+      Mosaic-style kernel in the interpreter anywhere else -- chosen at lowering time,
+      so cross-platform lowering from a CPU host picks the right kernel.
+    * ``interpret=False``: compiled everywhere; on CPU this fails at lowering with
+      Pallas' own "interpret mode only" error.
+    """
+    if cfg.backend is not None:
+        fn = tpu if cfg.backend == "tpu" else gpu
+        interpret = _on_cpu() if cfg.interpret is None else cfg.interpret
+        return fn(*args, interpret=interpret)
+    if cfg.interpret:
+        return tpu(*args, interpret=True)
+    compiled_tpu = functools.partial(tpu, interpret=False)
+    compiled_gpu = functools.partial(gpu, interpret=False)
+    default = functools.partial(tpu, interpret=True) if cfg.interpret is None else compiled_gpu
+    return jax.lax.platform_dependent(
+        *args, tpu=compiled_tpu, cuda=compiled_gpu, rocm=compiled_gpu, default=default
+    )
+
+
+# ------------------------------------------------------------------ in-kernel helpers
+
+
+def col_ids(shape: tuple[int, ...], start: Any) -> jax.Array:
+    """Global column index of every element of a tile whose first column is ``start``."""
+    return start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
+def row_ids(shape: tuple[int, ...], start: Any) -> jax.Array:
+    """Global row index of every element of a tile whose first row is ``start``."""
+    return start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+
+
+def online_update(m: jax.Array, s: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Fold a tile ``x`` (invalid entries already ``-inf``) into running ``(max, sum-exp)``.
+
+    One ``exp`` per element: the tile is summed relative to its own max, then merged
+    with :func:`jsoftmax._numerics.online_combine` (a few per-row ``exp`` s).
+    """
+    mb = jnp.max(x, axis=1, keepdims=True)
+    mb_safe = jnp.where(mb == -jnp.inf, 0.0, mb)
+    sb = jnp.sum(jnp.exp(x - mb_safe), axis=1, keepdims=True)
+    return num.online_combine(m, s, mb, sb)
+
+
+def safe_lse(m: jax.Array, s: jax.Array) -> jax.Array:
+    """``logsumexp`` from running stats, with an empty row (all ``-inf``) giving 0.
+
+    Every entry of an empty row is ``-inf``, so ``x - 0`` is still ``-inf`` and
+    ``exp(x - 0)`` is exactly 0: softmax rows of zeros, log-softmax rows of ``-inf``,
+    with no ``-inf - -inf``. (A ``+inf`` entry gives ``lse = +inf`` and NaN at that entry:
+    ``+inf`` logits are not supported by the kernels.)
+    """
+    lse = num.finish_logsumexp(m, s)
+    return jnp.where(lse == -jnp.inf, 0.0, lse)
+
+
+# ----------------------------------------------- per-tile cross-entropy math (shared)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Static cross-entropy hyperparameters shared by both cross-entropy kernels."""
+
+    n_classes: int
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+
+def ce_init(acc: Any, n: int) -> tuple[jax.Array, ...]:
+    """Initial running stats ``(max, sum-exp, label logit, logit sum)`` for ``n`` rows."""
+    return (
+        jnp.full((n, 1), -jnp.inf, acc),
+        jnp.zeros((n, 1), acc),
+        jnp.zeros((n, 1), acc),
+        jnp.zeros((n, 1), acc),
+    )
+
+
+def ce_update(
+    stats: tuple[jax.Array, ...],
+    z: jax.Array,
+    labels: jax.Array,
+    cols: jax.Array,
+    valid: jax.Array,
+    opts: LossOptions,
+) -> tuple[jax.Array, ...]:
+    """Fold one logits tile into the cross-entropy running stats.
+
+    ``z`` is the float tile, ``cols`` its global column ids, ``valid`` marks real
+    (non-padding) columns; ``labels`` is the ``(rows, 1)`` label column. The label logit
+    is picked with a compare-and-sum (no gather, no one-hot in memory); the logit sum is
+    only kept when label smoothing needs it.
+    """
+    m, s, zy, zsum = stats
+    z = jnp.where(valid, z, -jnp.inf)
+    m, s = online_update(m, s, z)
+    zy = zy + jnp.sum(jnp.where(cols == labels, z, 0.0), axis=1, keepdims=True)
+    if opts.label_smoothing > 0.0:
+        zsum = zsum + jnp.sum(jnp.where(valid, z, 0.0), axis=1, keepdims=True)
+    return m, s, zy, zsum
+
+
+def ce_finish(
+    stats: tuple[jax.Array, ...], labels: jax.Array, opts: LossOptions
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row ``(loss, lse)`` from the running stats.
+
+    ``loss = (1-ε)(lse - z_y) + ε(lse - mean_c z_c) + λ lse²`` (PyTorch's unweighted
+    smoothing plus PaLM's z-loss); 0 where ``labels == ignore_index``; NaN where the
+    label is outside ``[0, C)`` (bad input must not give a plausible number). A label on
+    a ``-inf`` logit costs ``+inf`` (also in an all ``-inf`` row, where ``lse - z_y``
+    would otherwise be NaN).
+    """
+    m, s, zy, zsum = stats
+    lse = num.finish_logsumexp(m, s)
+    nll = jnp.where(zy == -jnp.inf, jnp.inf, lse - zy)
+    loss = nll
+    eps, lam = opts.label_smoothing, opts.z_loss
+    if eps > 0.0:
+        zmean = zsum / opts.n_classes
+        smooth = jnp.where(zmean == -jnp.inf, jnp.inf, lse - zmean)
+        loss = (1.0 - eps) * nll + eps * smooth
+    if lam > 0.0:
+        loss = loss + lam * lse * lse
+    in_range = (labels >= 0) & (labels < opts.n_classes)
+    loss = jnp.where(in_range, loss, jnp.nan)
+    loss = jnp.where(labels == opts.ignore_index, 0.0, loss)
+    return loss, lse
+
+
+def ce_row_scale(g: jax.Array, labels: jax.Array, opts: LossOptions) -> jax.Array:
+    """The per-row factor of the logits gradient: the cotangent, 0 at ignored rows, NaN
+    at out-of-range labels (the loss there is NaN, so its gradient is poisoned too)."""
+    in_range = (labels >= 0) & (labels < opts.n_classes)
+    g = jnp.where(in_range, g, jnp.nan)
+    return jnp.where(labels == opts.ignore_index, 0.0, g)
+
+
+def ce_grad(
+    z: jax.Array,
+    lse: jax.Array,
+    labels: jax.Array,
+    scale: jax.Array,
+    cols: jax.Array,
+    valid: jax.Array,
+    opts: LossOptions,
+) -> jax.Array:
+    """Gradient of the per-row loss w.r.t. one logits tile, times the row ``scale``.
+
+    ``dL/dz_c = p_c (1 + 2λ lse) - (1-ε)[c = y] - ε/C`` with ``p_c = exp(z_c - lse)``;
+    padding columns get exactly 0. An empty row (``lse = -inf``) has ``p = 0`` and a
+    finite gradient.
+    """
+    lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)
+    p = jnp.exp(jnp.where(valid, z, -jnp.inf) - lse_safe)
+    if opts.z_loss > 0.0:
+        p = p * (1.0 + 2.0 * opts.z_loss * lse_safe)
+    d = p - jnp.where(cols == labels, 1.0 - opts.label_smoothing, 0.0)
+    if opts.label_smoothing > 0.0:
+        d = d - opts.label_smoothing / opts.n_classes
+    return jnp.where(valid, d * scale, 0.0)
