@@ -37,4 +37,5 @@ from jsoftmax._calibration import reliability_diagram as reliability_diagram
 # --- end calibration
 
 # --- optax drop-ins: `jsoftmax.optax` (jsoftmax/optax.py)
+from jsoftmax import optax as optax
 # --- end optax
