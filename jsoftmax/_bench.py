@@ -1,0 +1,460 @@
+"""``jsoftmax bench``: the PERF.md table, measured now on this machine.
+
+Method (PERF.md): every function is ``jax.jit``-compiled once through
+``jax.jit(f).lower(*args).compile()`` — the compiled object is both timed and asked for
+its ``memory_analysis()`` (temporary, argument and output bytes; deterministic). Timing
+warms both functions up, then runs candidate and baseline interleaved, alternating which
+goes first in each pair (A B, B A, ...) so that slow drifts of a shared machine cancel,
+calls ``jax.block_until_ready`` on every result, and reports the median of the per-pair
+time ratios (candidate / baseline; below 1 means jsoftmax is faster) with their range.
+
+Rows:
+
+* ``softmax`` / ``log_softmax`` forward + ``vjp`` with a random cotangent against
+  ``jax.nn.softmax`` / ``jax.nn.log_softmax``, ``(4096, 32768)`` float32;
+* ``cross_entropy`` (integer labels, mean) ``value_and_grad`` against
+  ``optax.losses.softmax_cross_entropy_with_integer_labels(...).mean()``, same shape;
+* ``linear_cross_entropy`` ``value_and_grad`` w.r.t. hidden and weight against
+  ``h @ W`` followed by the optax loss, ``N=2048, D=512, V=65536`` float32;
+* the same at ``N=8192, D=1024, V=131072`` with bfloat16 hidden and weight: compiled
+  temporary memory only (lowered and compiled, never run).
+
+``--quick`` uses smaller shapes and 5 pairs (under a minute on 2 cores); its rows are
+labelled "quick" and do not stand in for the PERF.md numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jsoftmax as jsm
+
+MiB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Shapes of one benchmark mode."""
+
+    label: str
+    rows: int  # softmax / cross-entropy batch
+    classes: int  # softmax / cross-entropy classes
+    lce: tuple[int, int, int]  # linear cross-entropy N, D, V (timed)
+    lce_big: tuple[int, int, int]  # linear cross-entropy N, D, V (bf16, memory only)
+    pairs: int
+
+
+FULL = Sizes("full", 4096, 32768, (2048, 512, 65536), (8192, 1024, 131072), pairs=7)
+QUICK = Sizes("quick", 1024, 8192, (512, 256, 16384), (8192, 1024, 131072), pairs=5)
+# Only for the command-line tests: seconds, not numbers anyone should quote.
+TINY = Sizes("tiny", 64, 512, (64, 32, 1024), (256, 64, 65536), pairs=3)
+
+
+@dataclasses.dataclass
+class Row:
+    """One measured line of the table (``None`` where not measured or not available)."""
+
+    name: str
+    shape: str
+    baseline: str
+    target: str
+    available: bool = True
+    time_ratio: float | None = None
+    time_ratio_range: tuple[float, float] | None = None
+    cand_ms: float | None = None
+    base_ms: float | None = None
+    cand_temp: int | None = None
+    base_temp: int | None = None
+    cand_args: int | None = None
+    cand_out: int | None = None
+    met: bool | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A row to measure: ``build()`` returns ``(candidate, baseline, args)`` or ``None``."""
+
+    name: str
+    shape: str
+    baseline: str
+    target: str
+    build: Callable[[], tuple[Callable, Callable, tuple] | None]
+    timed: bool = True
+    check: Callable[[Row], bool] | None = None
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _fwd_vjp(fn):
+    """``(x, g) -> (fn(x), vjp(g))``: forward output and input cotangent, both kept."""
+
+    def f(x, g):
+        y, pullback = jax.vjp(fn, x)
+        return y, pullback(g)[0]
+
+    return f
+
+
+def _softmax_case(name: str, sizes: Sizes) -> Case:
+    shape = (sizes.rows, sizes.classes)
+
+    def build():
+        k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+        x = 3.0 * jax.random.normal(k1, shape, jnp.float32)
+        g = jax.random.normal(k2, shape, jnp.float32)
+        ours = getattr(jsm, name)
+        return _fwd_vjp(ours), _fwd_vjp(getattr(jax.nn, name)), (x, g)
+
+    return Case(
+        f"{name} fwd+vjp",
+        f"{shape} f32",
+        f"jax.nn.{name}",
+        "time <= 1.0x",
+        build,
+        check=lambda r: r.time_ratio <= 1.0,
+    )
+
+
+def _cross_entropy_case(sizes: Sizes) -> Case:
+    shape = (sizes.rows, sizes.classes)
+
+    def build():
+        ce = getattr(jsm, "cross_entropy", None)
+        if ce is None:
+            return None
+        k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+        z = 3.0 * jax.random.normal(k1, shape, jnp.float32)
+        y = jax.random.randint(k2, shape[:1], 0, shape[1])
+        ours = jax.value_and_grad(lambda z, y: ce(z, y))
+        base = jax.value_and_grad(
+            lambda z, y: optax.losses.softmax_cross_entropy_with_integer_labels(z, y).mean()
+        )
+        return ours, base, (z, y)
+
+    return Case(
+        "cross_entropy value_and_grad",
+        f"{shape} f32",
+        "optax int-label CE .mean()",
+        "time <= 0.8x, temp <= 1x",
+        build,
+        check=lambda r: r.time_ratio <= 0.8 and r.cand_temp <= r.base_temp,
+    )
+
+
+def _naive_linear_ce(h, w, y):
+    return optax.losses.softmax_cross_entropy_with_integer_labels(
+        (h @ w).astype(jnp.float32), y
+    ).mean()
+
+
+def _lce_inputs(n, d, v, dtype, seed):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    h = jax.random.normal(k1, (n, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k2, (d, v), jnp.float32) / np.sqrt(d)).astype(dtype)
+    y = jax.random.randint(k3, (n,), 0, v)
+    return h, w, y
+
+
+def _linear_ce_case(sizes: Sizes) -> Case:
+    n, d, v = sizes.lce
+
+    def build():
+        lce = getattr(jsm, "linear_cross_entropy", None)
+        if lce is None:
+            return None
+        ours = jax.value_and_grad(lambda h, w, y: lce(h, w, y), argnums=(0, 1))
+        base = jax.value_and_grad(_naive_linear_ce, argnums=(0, 1))
+        return ours, base, _lce_inputs(n, d, v, jnp.float32, 2)
+
+    return Case(
+        "linear_cross_entropy v&g (h, W)",
+        f"N={n} D={d} V={v} f32",
+        "h @ W, then optax CE",
+        "temp <= 1/8x, time <= 1.15x",
+        build,
+        check=lambda r: r.cand_temp * 8 <= r.base_temp and r.time_ratio <= 1.15,
+    )
+
+
+def _linear_ce_big_case(sizes: Sizes) -> Case:
+    n, d, v = sizes.lce_big
+
+    def build():
+        lce = getattr(jsm, "linear_cross_entropy", None)
+        if lce is None:
+            return None
+        ours = jax.value_and_grad(lambda h, w, y: lce(h, w, y), argnums=(0, 1))
+        base = jax.value_and_grad(_naive_linear_ce, argnums=(0, 1))
+        # Shape-only arguments: the arrays (and the naive logits) are never allocated.
+        args = (
+            jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+        )
+        return ours, base, args
+
+    return Case(
+        "linear_cross_entropy v&g (h, W)",
+        f"N={n} D={d} V={v} bf16",
+        "h @ W, then optax CE",
+        "temp < 2 GiB (compile only)",
+        build,
+        timed=False,
+        check=lambda r: r.cand_temp < 2 * 1024 * MiB,
+    )
+
+
+def cases(sizes: Sizes) -> list[Case]:
+    """The benchmark rows for one mode, in table order."""
+    return [
+        _softmax_case("softmax", sizes),
+        _softmax_case("log_softmax", sizes),
+        _cross_entropy_case(sizes),
+        _linear_ce_case(sizes),
+        _linear_ce_big_case(sizes),
+    ]
+
+
+# ----------------------------------------------------------------------- measuring
+
+
+def _compile(fn, args):
+    return jax.jit(fn).lower(*args).compile()
+
+
+def _timed_call(compiled, args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - start
+
+
+def interleaved_ratios(a, b, args, pairs: int, tick: Callable[[], None] = lambda: None):
+    """Per-pair time ratios ``t_a / t_b`` and the raw times (seconds), after warm-up.
+
+    Each pair runs both functions back to back, alternating which runs first.
+    """
+    for _ in range(2):  # warm-up: first calls pay for allocation and thread start-up
+        _timed_call(a, args)
+        _timed_call(b, args)
+    ratios, ta, tb = [], [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            t_a = _timed_call(a, args)
+            t_b = _timed_call(b, args)
+        else:
+            t_b = _timed_call(b, args)
+            t_a = _timed_call(a, args)
+        ratios.append(t_a / t_b)
+        ta.append(t_a)
+        tb.append(t_b)
+        tick()
+    return ratios, ta, tb
+
+
+def measure(case: Case, pairs: int, tick: Callable[[], None] = lambda: None) -> Row:
+    """Compile, measure memory and (for timed cases) time one case."""
+    row = Row(case.name, case.shape, case.baseline, case.target)
+    built = case.build()
+    if built is None:
+        row.available = False
+        row.note = "function not available"
+        return row
+    ours, base, args = built
+    c_ours = _compile(ours, args)
+    tick()
+    c_base = _compile(base, args)
+    tick()
+    m_ours, m_base = c_ours.memory_analysis(), c_base.memory_analysis()
+    row.cand_temp, row.base_temp = m_ours.temp_size_in_bytes, m_base.temp_size_in_bytes
+    row.cand_args, row.cand_out = m_ours.argument_size_in_bytes, m_ours.output_size_in_bytes
+    if case.timed:
+        ratios, ta, tb = interleaved_ratios(c_ours, c_base, args, pairs, tick)
+        row.time_ratio = statistics.median(ratios)
+        row.time_ratio_range = (min(ratios), max(ratios))
+        row.cand_ms = 1e3 * statistics.median(ta)
+        row.base_ms = 1e3 * statistics.median(tb)
+    else:
+        row.note = "compiled, not run"
+    if case.check is not None:
+        row.met = bool(case.check(row))
+    return row
+
+
+# ------------------------------------------------------------------------ printing
+
+
+def _bytes(b: int | None) -> str:
+    """Human-readable size (binary units)."""
+    if b is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", MiB), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:,.1f} {unit}"
+    return f"{b} B"
+
+
+def format_table(rows: list[Row], sizes: Sizes) -> str:
+    """The rows as a Markdown table."""
+    head = [
+        "what",
+        "shape",
+        "baseline",
+        f"time ratio (median of {sizes.pairs}) [range]",
+        "ms ours / base",
+        "temp ours / base",
+        "temp ratio",
+        "args / out (ours)",
+        "target",
+        "met" if sizes.label == "full" else "met*",
+    ]
+    lines = []
+    for r in rows:
+        if not r.available:
+            cells = [r.name, r.shape, r.baseline, *["n/a"] * 5, r.target, "n/a"]
+        else:
+            if r.time_ratio is None:
+                t, ms = "not run", "-"
+            else:
+                lo, hi = r.time_ratio_range
+                t = f"{r.time_ratio:.2f}x [{lo:.2f}-{hi:.2f}]"
+                ms = f"{r.cand_ms:,.1f} / {r.base_ms:,.1f}"
+            # A ratio of two near-empty scratch buffers says nothing; show it from 1 MiB up.
+            if max(r.cand_temp, r.base_temp) < MiB:
+                ratio = "both < 1 MiB"
+            elif r.base_temp == 0:
+                ratio = "base 0"
+            else:
+                ratio = f"{r.cand_temp / r.base_temp:.3g}x"
+            cells = [
+                r.name,
+                r.shape,
+                r.baseline,
+                t,
+                ms,
+                f"{_bytes(r.cand_temp)} / {_bytes(r.base_temp)}",
+                ratio,
+                f"{_bytes(r.cand_args)} / {_bytes(r.cand_out)}",
+                r.target,
+                {True: "yes", False: "NO", None: "-"}[r.met],
+            ]
+        lines.append(cells)
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(c) + " |" for c in lines]
+    return "\n".join(out)
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "jax": jax.__version__,
+        "jsoftmax": jsm.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+class _Progress:
+    """tqdm when installed (the ``demo`` extra), otherwise a silent counter."""
+
+    def __init__(self, total: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, unit="step", file=sys.stderr, leave=False)
+            except ModuleNotFoundError:
+                pass
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_description(text)
+
+    def tick(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_bench(sizes: Sizes, *, pairs: int | None = None, progress: bool = True) -> list[Row]:
+    """Measure every row of :func:`cases` for ``sizes``."""
+    if pairs is not None:
+        sizes = dataclasses.replace(sizes, pairs=pairs)
+    todo = cases(sizes)
+    total = sum(2 + (sizes.pairs if c.timed else 0) for c in todo)
+    bar = _Progress(total, progress)
+    rows = []
+    try:
+        for case in todo:
+            bar.describe(f"{case.name} {case.shape}")
+            rows.append(measure(case, sizes.pairs, bar.tick))
+    finally:
+        bar.close()
+    return rows
+
+
+def main(args: Any) -> int:
+    """Entry point of ``jsoftmax bench`` (``args`` from the argparse sub-parser)."""
+    sizes = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.pairs is not None:
+        if args.pairs < 1:
+            raise SystemExit("--pairs must be >= 1")
+        sizes = dataclasses.replace(sizes, pairs=args.pairs)
+    env = environment()
+    start = time.perf_counter()
+    rows = run_bench(sizes, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    print(
+        f"jsoftmax bench ({sizes.label} mode) — {env['date']}, jax {env['jax']}, "
+        f"{env['backend']} ({env['device']}, {env['cpu_count']} cores visible)"
+    )
+    if sizes.label != "full":
+        print(
+            f"NOTE: {sizes.label} mode uses smaller shapes and fewer pairs than PERF.md; the "
+            "targets are stated for the full shapes, so met* is indicative only."
+        )
+    print()
+    print(format_table(rows, sizes))
+    print()
+    print(
+        "time ratio = ours / baseline (< 1: jsoftmax faster), median over interleaved pairs; "
+        "temp = compiled temporary buffers (memory_analysis)."
+    )
+    print(f"measured in {elapsed:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "mode": sizes.label,
+                    "pairs": sizes.pairs,
+                    "environment": env,
+                    "seconds": elapsed,
+                    "rows": [dataclasses.asdict(r) for r in rows],
+                },
+                f,
+                indent=2,
+            )
+    return 0

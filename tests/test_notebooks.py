@@ -1,0 +1,89 @@
+"""Execute every notebook in ``examples/`` and check it is committed without outputs.
+
+Each notebook ends with a cell of ``assert`` statements on its key results, so running it
+to completion is the test. The kernel is this interpreter (a kernelspec written to a
+temporary ``JUPYTER_PATH`` entry), so a fresh ``pip install -e ".[test]"`` venv tests its
+own jsoftmax, whatever other ``python3`` kernels the user has installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
+KERNEL = "jsoftmax-test-python"
+
+EXPECTED = {
+    "01_softmax_basics.ipynb",
+    "02_imbalanced_classification.ipynb",
+    "03_large_vocab_lm.ipynb",
+    "04_calibration_open_set.ipynb",
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """A kernelspec for ``sys.executable`` and a clean environment for the kernel."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec_dir = root / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "jsoftmax tests",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JUPYTER_PATH", str(root) + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
+    # The notebooks run as a user would: one CPU device (conftest simulates 8 for the
+    # sharding tests), a non-interactive matplotlib backend, and no GPU probing.
+    mp.setenv(
+        "XLA_FLAGS",
+        os.environ.get("XLA_FLAGS", "")
+        .replace("--xla_force_host_platform_device_count=8", "")
+        .strip(),
+    )
+    mp.setenv("JAX_PLATFORMS", "cpu")
+    mp.setenv("MPLBACKEND", "Agg")
+    mp.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    yield
+    mp.undo()
+
+
+def test_all_notebooks_present():
+    assert {p.name for p in NOTEBOOKS} == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stripped(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: a code cell has saved outputs"
+            assert cell.execution_count is None, f"{path.name}: saved execution count"
+    assert nb.cells[-1].cell_type == "code" and "assert" in nb.cells[-1].source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, kernel_env):
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        kernel_name=KERNEL,
+        timeout=300,
+        resources={"metadata": {"path": str(EXAMPLES)}},
+    )
+    client.execute()  # raises CellExecutionError (with the traceback) on any failing cell
+    last = nb.cells[-1]
+    text = "".join(o.get("text", "") for o in last.outputs if o.output_type == "stream")
+    assert "all checks passed" in text
