@@ -384,18 +384,29 @@ def _int_labels(labels: jax.Array) -> jax.Array:
 
 
 def _int_label_masks(
-    labels, ignore_index, n_classes, where, x_shape, axis, axis_name, loss_name
+    labels, ignore_index, n_classes, where, x_shape, axis, axis_name, loss_name, logits=None
 ) -> tuple[jax.Array, jax.Array]:
-    """``(valid, bad)`` per position; emits the label debug check."""
+    """``(valid, bad)`` per position; emits the label debug check.
+
+    With ``logits`` given, a label whose logit is ``-inf`` is bad too: ``-inf`` masks a
+    class exactly as ``where=False`` does (SPEC §1), so both get the same NaN poison
+    instead of one giving NaN and the other ``+inf``.
+    """
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= n_classes))
     expected = f"0 <= label < {n_classes} or label == ignore_index ({ignore_index})"
-    if where is not None:
+    if where is not None or logits is not None:
         yl, owned = _local_labels(jnp.expand_dims(labels, axis), x_shape[axis], axis_name)
+    if where is not None:
         mask = jnp.broadcast_to(where, x_shape).astype(jnp.int32)
         on = _gather_label(mask, yl, owned, axis_name, axis=axis)
         bad = bad | (valid & (jnp.squeeze(on, axis) == 0))
         expected += ", on a class that `where` allows"
+    if logits is not None:
+        finite = (logits > -jnp.inf).astype(jnp.int32)
+        on = _gather_label(finite, yl, owned, axis_name, axis=axis)
+        bad = bad | (valid & (jnp.squeeze(on, axis) == 0))
+        expected += ", whose logit is not -inf"
     if axis_name is None:
         label_check(bad, labels, loss=loss_name, expected=expected)
     return valid, bad
@@ -471,8 +482,9 @@ def cross_entropy(
     * ``mean`` over a batch whose denominator is 0 (every position ignored, or all their
       weights 0) is ``0.0`` with a zero gradient, not NaN.
     * A bad label (``< 0`` or ``>= C`` and not ``ignore_index``, or on a class masked by
-      ``where``) makes that position's loss and its logits' gradient NaN (PyTorch raises
-      on CPU); ``jsoftmax.checked`` turns it into an error naming the position.
+      ``where`` or by a ``-inf`` logit) makes that position's loss and its logits'
+      gradient NaN (PyTorch raises on CPU); ``jsoftmax.checked`` turns it into an error
+      naming the position.
     * Extras: ``sample_weight``, ``z_loss``, ``where``, ``axis_name``. With ``where``
       (or ``-inf`` logits) label smoothing spreads ``ε`` over the admissible classes only
       (``C`` is their count). The z-loss of a position is weighted by ``w_y`` like the
@@ -583,7 +595,7 @@ def cross_entropy(
 
     labels = _int_labels(labels)
     valid, bad = _int_label_masks(
-        labels, ignore_index, n_classes, where, x.shape, a, axis_name, "cross_entropy"
+        labels, ignore_index, n_classes, where, x.shape, a, axis_name, "cross_entropy", logits=x
     )
     if impl == "pallas":
         per = _pallas_rows(x, labels, a, ignore_index, eps, lam)
@@ -826,7 +838,9 @@ def focal_loss(
     c = x.shape[a]
     acc = num.loss_dtype(x.dtype)
     labels = _int_labels(labels)
-    valid, bad = _int_label_masks(labels, ignore_index, c, None, x.shape, a, None, "focal_loss")
+    valid, bad = _int_label_masks(
+        labels, ignore_index, c, None, x.shape, a, None, "focal_loss", logits=x
+    )
     cfg = _CE(a, ignore_index, 0.0, 0.0, False, _residual_mode(x.dtype), None)
     nll = jnp.squeeze(_ce_core(cfg, x, labels, None, None, bad), a)
     per = nll

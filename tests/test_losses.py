@@ -803,3 +803,28 @@ def test_logit_adjust():
     assert jsm.logit_adjust(x.astype(jnp.bfloat16), pri, axis=1).dtype == jnp.bfloat16
     g = jax.grad(lambda t: jsm.logit_adjust(z, pri, tau=t).sum())(1.0)
     np.testing.assert_allclose(g, jnp.log(pri).sum(), rtol=1e-6)
+
+
+def test_label_on_neg_inf_logit_is_bad_like_a_where_mask():
+    """-inf masks a class exactly as where=False does: both poison with NaN, not +inf."""
+    x = jnp.array([[-jnp.inf, 1.0, 2.0], [1.0, 2.0, 3.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+    y = jnp.array([0, 2, 1])
+    where = jnp.isfinite(x)
+    for f in (jsm.cross_entropy, jsm.focal_loss):
+        per = f(x, y, reduction="none")
+        assert np.isnan(per[0]) and np.isnan(per[2]) and np.isfinite(per[1])
+    np.testing.assert_array_equal(
+        np.isnan(jsm.cross_entropy(jnp.where(where, x, 0.0), y, where=where, reduction="none")),
+        [True, False, True],
+    )
+    # a label on an admissible class of a partly -inf row is fine, with a finite gradient
+    y_ok = jnp.array([1, 2, -100])
+    np.testing.assert_allclose(
+        jsm.cross_entropy(x, y_ok, reduction="none")[:2],
+        [np.log1p(np.e), np.log(np.exp([1, 2, 3]).sum()) - 3],
+        rtol=1e-6,
+    )
+    grad = jax.grad(lambda x: jsm.cross_entropy(x, y_ok))(x)
+    assert np.all(np.isfinite(grad)) and np.all(grad[2] == 0)
+    with pytest.raises(Exception, match=r"bad label 0 at position \(0,\)"):
+        jsm.checked(lambda x, y: jsm.cross_entropy(x, y))(x, y)
