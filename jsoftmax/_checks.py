@@ -39,6 +39,8 @@ def label_check(bad: jax.Array, labels: jax.Array, *, loss: str, expected: str) 
       expected: what a valid label is, for the message.
     """
     bad = jnp.asarray(bad)
+    if bad.size == 0:  # an empty batch has no label to check (and argmax needs one)
+        return
     if bad.ndim == 0:
         bad = bad[None]
         labels = jnp.asarray(labels)[None]

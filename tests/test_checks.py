@@ -91,3 +91,11 @@ def test_checked_passes_through_outputs():
     loss, aux = f(X, Y)
     assert aux == {"n": 6}
     np.testing.assert_allclose(loss, jsm.cross_entropy(X, Y), rtol=1e-7)
+
+
+def test_empty_batch_is_not_an_error():
+    logits, labels = jnp.ones((0, 5)), jnp.zeros((0,), jnp.int32)
+    assert jsm.cross_entropy(logits, labels) == 0.0
+    assert jsm.cross_entropy(logits, labels, reduction="none").shape == (0,)
+    assert jsm.checked(jsm.cross_entropy)(logits, labels) == 0.0
+    np.testing.assert_array_equal(jax.grad(jsm.cross_entropy)(logits, labels), logits * 0)
