@@ -582,8 +582,8 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
     valid = y != ignore_index
     bad = valid & ((y < 0) | (y >= n_vocab))
     keep = valid & ~bad
-    # checkify cannot carry errors out of shard_map; an empty batch has nothing to check.
-    if axis_name is None and n_rows > 0:
+    # checkify cannot carry errors out of shard_map.
+    if axis_name is None:
         label_check(
             bad.reshape(batch_shape), labels, loss="linear_cross_entropy",
             expected=f"0 <= label < {n_vocab} or label == ignore_index ({ignore_index})",
