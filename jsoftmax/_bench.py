@@ -171,16 +171,21 @@ def _lce_inputs(n, d, v, dtype, seed):
     return h, w, y
 
 
+def _linear_ce_pair():
+    """``value_and_grad`` w.r.t. hidden and weight of ours and of the naive loss."""
+    lce = getattr(jsm, "linear_cross_entropy", None)
+    if lce is None:
+        return None
+    ours = jax.value_and_grad(lambda h, w, y: lce(h, w, y), argnums=(0, 1))
+    return ours, jax.value_and_grad(_naive_linear_ce, argnums=(0, 1))
+
+
 def _linear_ce_case(sizes: Sizes) -> Case:
     n, d, v = sizes.lce
 
     def build():
-        lce = getattr(jsm, "linear_cross_entropy", None)
-        if lce is None:
-            return None
-        ours = jax.value_and_grad(lambda h, w, y: lce(h, w, y), argnums=(0, 1))
-        base = jax.value_and_grad(_naive_linear_ce, argnums=(0, 1))
-        return ours, base, _lce_inputs(n, d, v, jnp.float32, 2)
+        pair = _linear_ce_pair()
+        return None if pair is None else (*pair, _lce_inputs(n, d, v, jnp.float32, 2))
 
     return Case(
         "linear_cross_entropy v&g (h, W)",
@@ -196,11 +201,10 @@ def _linear_ce_big_case(sizes: Sizes) -> Case:
     n, d, v = sizes.lce_big
 
     def build():
-        lce = getattr(jsm, "linear_cross_entropy", None)
-        if lce is None:
+        pair = _linear_ce_pair()
+        if pair is None:
             return None
-        ours = jax.value_and_grad(lambda h, w, y: lce(h, w, y), argnums=(0, 1))
-        base = jax.value_and_grad(_naive_linear_ce, argnums=(0, 1))
+        ours, base = pair
         # Shape-only arguments: the arrays (and the naive logits) are never allocated.
         args = (
             jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
