@@ -160,15 +160,9 @@ def _log_softmax_tangent(x, t, w, where, tx, tt, tw, axes):
     admissible = shifted > -jnp.inf
     log_p = None if tt is None else jnp.where(admissible, shifted - num.safe_log(s), 0.0)
     tu = _logit_tangent(x, t, w, tx, tt, tw, log_p)
-    # p = 0 on inadmissible entries, so their input tangents drop out of the sum.
+    # p = 0 on inadmissible entries, so their input tangents drop out of the sum;
+    # the output mask keeps the (constant) -inf outputs at zero tangent.
     tlp = tu - jnp.sum(p * tu, axis=axes, keepdims=True)
-    if where is None and w is None:
-        # Only x = -inf entries can be inadmissible here, and lp_i = x_i - lse(x) is
-        # still that formula's value, so its derivative is kept as is (as jax.nn does);
-        # only an empty row is the constant -inf, zeroed by a per-row factor. A
-        # per-element mask would cost XLA:CPU a masked copy of the cotangent (+9 %).
-        return ((s > 0).astype(tlp.dtype) * tlp).astype(x.dtype)
-    # where=False / zero weight make an output the constant -inf: zero tangent.
     return jnp.where(admissible, tlp, 0.0).astype(x.dtype)
 
 
