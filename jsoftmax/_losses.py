@@ -403,9 +403,10 @@ def _int_label_masks(
         bad = bad | (valid & (jnp.squeeze(on, axis) == 0))
         expected += ", on a class that `where` allows"
     if logits is not None:
-        finite = (logits > -jnp.inf).astype(jnp.int32)
-        on = _gather_label(finite, yl, owned, axis_name, axis=axis)
-        bad = bad | (valid & (jnp.squeeze(on, axis) == 0))
+        # Gather the label's logit (N values) and compare, rather than gathering from a
+        # full-size comparison of the logits.
+        z_y = _gather_label(logits, yl, owned, axis_name, axis=axis)
+        bad = bad | (valid & (jnp.squeeze(z_y, axis) == -jnp.inf))
         expected += ", whose logit is not -inf"
     if axis_name is None:
         label_check(bad, labels, loss=loss_name, expected=expected)
