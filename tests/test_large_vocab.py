@@ -143,8 +143,8 @@ def _inputs(case, rng, dtype=np.float64):
     )  # fmt: skip
     y = np.where(y == -100, case["ignore_index"], y).astype(np.int32)
     v = case["v"]
-    bias = rng.normal(size=(v,)).astype(dtype) if case["bias"] else None
-    cw = rng.uniform(0.2, 2.0, size=(v,)).astype(dtype) if case["class_weight"] else None
+    bias = rng.normal(size=(v,)).astype(dtype) if case["linear_bias"] else None
+    cw = rng.uniform(0.2, 2.0, size=(v,)).astype(dtype) if case["weight"] else None
     sw = rng.uniform(0.5, 1.5, size=y.shape).astype(dtype) if case["sample_weight"] else None
     kw = dict(
         weight_layout=case["layout"], weight=cw, sample_weight=sw,
