@@ -6,6 +6,9 @@ Every check compares against a float64 reference that *does* materialise the log
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -450,3 +453,41 @@ def test_large_bf16_case_compiles_under_two_gib():
     y = jax.ShapeDtypeStruct((8192,), jnp.int32)
     temp = _temp_bytes(lambda h, w, y: lce(h, w, y), h, w, y)
     assert temp < 2 * 2**30, temp / 2**30
+
+
+# -------------------------------------------------------- PyTorch 2.13 parity
+
+
+def _torch_linear_cases():
+    path = pathlib.Path(__file__).parent / "fixtures" / "torch_linear_golden.npz"
+    data = np.load(path)
+    meta = json.loads(str(data["__meta__"]))
+    return [(m, {k: data[f"{m['name']}/{k}"] for k in m["arrays"]}) for m in meta]
+
+
+@pytest.mark.parametrize("meta, a", _torch_linear_cases(), ids=lambda c: c.get("name", ""))
+def test_matches_torch_linear_cross_entropy(meta, a):
+    """``F.linear_cross_entropy`` (PyTorch 2.13, ``(V, D)`` weight) in value and gradients.
+
+    Fixtures from tests/fixtures/make_torch_linear_golden.py; torch is not needed here.
+    """
+    kw = dict(
+        weight=a.get("weight"),
+        ignore_index=meta["ignore_index"],
+        label_smoothing=meta["label_smoothing"],
+        reduction=meta["reduction"],
+        weight_layout="vd",
+    )
+    args = [a["hidden"], a["linear_weight"]] + ([a["linear_bias"]] if "linear_bias" in a else [])
+
+    @jax.jit
+    def run(args, cot):
+        f = lambda h, w, b=None: lce(h, w, a["labels"], linear_bias=b, chunk_size=8, **kw)
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(jnp.asarray(cot, out.dtype))
+
+    loss, grads = run(tuple(args), a["cotangent"])
+    np.testing.assert_allclose(loss, a["loss"], rtol=2e-5, atol=2e-6)
+    names = ("grad_hidden", "grad_linear_weight", "grad_linear_bias")
+    for g, name in zip(grads, names, strict=False):
+        np.testing.assert_allclose(g, a[name], rtol=2e-4, atol=2e-6, err_msg=name)
