@@ -50,7 +50,7 @@ def rel_err(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-def _grid(n_cases=8, seed=7):
+def _grid(n_cases=6, seed=7):
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(n_cases):
@@ -66,7 +66,7 @@ def _grid(n_cases=8, seed=7):
                 softcap=[None, 3.0][(i // 2) % 2],
                 top_k=[0, 1, 5][i % 3],
                 labels=i != 3,
-                ignore_frac=[0.0, 0.3, 1.0][i % 3] if i != 6 else 0.3,
+                ignore_frac=[0.0, 0.3, 1.0][i % 3],
             )
         )
     return cases
@@ -122,8 +122,8 @@ def test_grid_values_and_grads_float64(case, rng, x64):
         np.testing.assert_allclose(g, rg, rtol=1e-10, atol=1e-11)
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
-def test_bf16_inputs_against_float64(layout, rng):
+def test_bf16_inputs_against_float64(rng):
+    layout = "vd"  # both layouts are in the float64 grid
     n, d, v = 48, 32, 515
     h = jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16)
     w = rng.normal(size=(d, v) if layout == "dv" else (v, d)) / np.sqrt(d) * 3
@@ -175,7 +175,7 @@ def test_ties_take_the_first_index(rng):
     w[:, 3] = w[:, best[0]]
     w[:, 40] = w[:, best[1]]
     z = h @ w
-    for chunk in (8, 16, 50):
+    for chunk in (8, 50):  # ties across chunks, and within one chunk
         s = stats_fn(h, w, top_k=6, chunk_size=chunk)
         np.testing.assert_array_equal(s.argmax, np.argmax(z, axis=1))
         _, idx = jax.lax.top_k(jnp.asarray(z), 6)
@@ -196,20 +196,26 @@ def test_ignored_and_bad_labels(rng):
     assert not np.asarray(s.correct)[[1, 3, 4]].any()
     assert np.isfinite(s.entropy).all() and np.isfinite(s.lse).all()
 
-    def grads(fn):
-        g = jax.jit(jax.grad(lambda h, w: fn(stats_fn(h, w, y, chunk_size=16)), (0, 1)))(h, w)
-        return [np.asarray(a) for a in g]
+    keep = np.array([1, 0, 1, 0, 0, 1], bool)
+    objectives = (
+        lambda s: jnp.sum(s.label_logprob),
+        lambda s: jnp.sum(jnp.where(keep, s.label_logprob, 0.0)),
+        lambda s: jnp.sum(s.entropy),
+    )
 
+    @jax.jit
+    def all_grads(h, w):
+        return [jax.grad(lambda h, w, f=f: f(stats_fn(h, w, y, chunk_size=16)), (0, 1))(h, w)
+                for f in objectives]  # fmt: skip
+
+    (gh, gw), (gh_kept, _), (gh_ent, gw_ent) = jax.tree.map(np.asarray, all_grads(h, w))
     # The log-prob of a bad label poisons the gradient (NaN in its hidden row and in W)...
-    gh, gw = grads(lambda s: jnp.sum(s.label_logprob))
     assert np.isnan(gh[[1, 4]]).all() and np.isfinite(gh[[0, 2, 3, 5]]).all()
     assert np.isnan(gw).all()
-    # ...an ignored position passes none, and the entropy does not depend on labels.
-    keep = np.array([1, 0, 1, 0, 0, 1], bool)
-    gh, _ = grads(lambda s: jnp.sum(jnp.where(keep, s.label_logprob, 0.0)))
-    assert not np.any(gh[3]) and np.isfinite(gh).all()
-    gh, gw = grads(lambda s: jnp.sum(s.entropy))
-    assert np.isfinite(gh).all() and np.isfinite(gw).all()
+    # ...unless masked out of the objective; an ignored position passes no gradient, and
+    # the entropy does not depend on the labels.
+    assert not np.any(gh_kept[3]) and np.isfinite(gh_kept).all()
+    assert np.isfinite(gh_ent).all() and np.isfinite(gw_ent).all()
     with pytest.raises(Exception, match=r"linear_softmax_stats: bad label 40 at position \(1,\)"):
         jsm.checked(lambda: stats_fn(h, w, y))()
 
@@ -221,23 +227,27 @@ def test_masked_vocabulary_and_empty_rows(rng):
     w = rng.normal(size=(4, 30)).astype(np.float32)
     b = np.where(np.arange(30) % 3 == 0, -np.inf, 0.0).astype(np.float32)
     y = np.array([1, 2, 4, 5, 7], np.int32)
-    got = stats_fn(h, w, y, linear_bias=b, top_k=3, chunk_size=8)
-    want = naive_stats(h, w, y, bias=b, top_k=3)
-    for f in FLOAT_FIELDS:
-        np.testing.assert_allclose(getattr(got, f), want[f], rtol=2e-6, atol=1e-6, err_msg=f)
+    empty = np.full((30,), -np.inf, np.float32)
 
     def obj(h, w, b):
         s = stats_fn(h, w, y, linear_bias=b, top_k=3, chunk_size=8)
-        return jnp.sum(s.label_logprob + s.entropy + s.lse) + jnp.sum(s.topk_logprobs)
+        return jnp.sum(s.label_logprob + s.entropy + s.lse) + jnp.sum(s.topk_logprobs), s
 
-    for g in jax.grad(obj, (0, 1, 2))(h, w, b):
+    @jax.jit
+    def run(h, w, b):
+        masked = jax.value_and_grad(obj, (0, 1, 2), has_aux=True)(h, w, b)
+        s_empty = stats_fn(h, w, linear_bias=empty, top_k=2, chunk_size=8)
+        ent = lambda h: jnp.sum(stats_fn(h, w, linear_bias=empty, chunk_size=8).entropy)  # noqa: E731
+        return masked, s_empty, jax.grad(ent)(h), naive_stats(h, w, y, bias=b, top_k=3)
+
+    ((_, got), grads), s, g_empty, want = run(h, w, b)
+    for f in FLOAT_FIELDS:
+        np.testing.assert_allclose(getattr(got, f), want[f], rtol=2e-6, atol=1e-6, err_msg=f)
+    for g in grads:
         assert np.isfinite(g).all()
-    empty = np.full((30,), -np.inf, np.float32)
-    s = stats_fn(h, w, linear_bias=empty, top_k=2, chunk_size=8)
     assert np.all(s.lse == -np.inf) and not np.any(s.entropy)
     assert np.all(s.topk_logprobs == -np.inf) and not np.any(s.argmax)
-    g = jax.grad(lambda h: jnp.sum(stats_fn(h, w, linear_bias=empty, chunk_size=8).entropy))(h)
-    assert not np.any(g)
+    assert not np.any(g_empty)
 
 
 def test_labels_none_and_shapes(rng):
@@ -263,15 +273,13 @@ def test_return_stats_from_the_loss_sweep(rng):
     y[0] = -100
     kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0, chunk_size=16)
     fwd = jax.jit(lambda h, w: jsm.linear_cross_entropy(h, w, y, return_stats=True, top_k=3, **kw))
-    loss, s = fwd(h, w)
+    compiled = fwd.lower(h, w).compile()
+    assert _while_count(compiled.as_text()) == 1, _while_count(compiled.as_text())
+    loss, s = compiled(h, w)
     np.testing.assert_allclose(loss, jsm.linear_cross_entropy(h, w, y, **kw), rtol=1e-6)
     ref = stats_fn(h, w, y, top_k=3, logit_softcap=5.0, chunk_size=16)
     for f in jsm.SoftmaxStats._fields:
         np.testing.assert_allclose(getattr(s, f), getattr(ref, f), rtol=1e-6, err_msg=f)
-    _, lse = jsm.linear_cross_entropy(h, w, y, return_lse=True, **kw)
-    np.testing.assert_allclose(s.lse, lse, rtol=1e-6)
-    hlo = fwd.lower(h, w).compile().as_text()
-    assert _while_count(hlo) == 1, _while_count(hlo)
 
     def combined(h, w, stats_call):
         loss, s = stats_call(h, w)
@@ -288,7 +296,7 @@ def test_return_stats_from_the_loss_sweep(rng):
         assert rel_err(a, b) < 1e-5
 
 
-def test_no_host_transfers_and_vmap(rng):
+def test_no_host_transfers(rng):
     h = rng.normal(size=(3, 10, 8)).astype(np.float32)
     w = rng.normal(size=(8, 64)).astype(np.float32)
     y = rng.integers(0, 64, size=(3, 10)).astype(np.int32)
@@ -301,8 +309,6 @@ def test_no_host_transfers_and_vmap(rng):
     jax.block_until_ready(f(*args))
     with jax.transfer_guard("disallow"):
         jax.block_until_ready(f(*args))
-    per = jax.vmap(lambda h, y: stats_fn(h, w, y, chunk_size=24).label_logprob)(h, y)
-    np.testing.assert_allclose(per, stats_fn(h, w, y, chunk_size=24).label_logprob, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
