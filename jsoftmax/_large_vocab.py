@@ -483,8 +483,8 @@ class SoftmaxStats(NamedTuple):
     Attributes:
       lse: ``log Σ_c exp(u_c)``. Differentiable.
       label_logprob: ``log p_y = u_y - lse``; 0 (with zero gradient) where the label is
-        ``ignore_index``, NaN (value and gradient) for a label outside ``[0, V)``.
-        Differentiable.
+        ``ignore_index``; NaN for a label outside ``[0, V)``, with a NaN gradient
+        wherever that value is used. Differentiable.
       entropy: ``H = -Σ_c p_c log p_c`` in nats. Differentiable.
       argmax: int32 index of the largest logit (the first one on ties, like
         ``jnp.argmax``).
