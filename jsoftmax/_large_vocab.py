@@ -272,7 +272,7 @@ def _gather_over(cfg, *arrays):
     blocks (exact: every other term is 0). Unlike ``all_gather``, the sum is typed as
     the same on every shard, so the result can leave ``shard_map`` replicated.
     """
-    n_shards = lax.axis_size(cfg.axis_name)
+    n_shards = lax.psum(1, cfg.axis_name)  # a Python int: the size of the axis (or axes)
     index = lax.axis_index(cfg.axis_name)
     out = []
     for a in arrays:
