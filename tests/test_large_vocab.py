@@ -491,3 +491,25 @@ def test_matches_torch_linear_cross_entropy(meta, a):
     names = ("grad_hidden", "grad_linear_weight", "grad_linear_bias")
     for g, name in zip(grads, names, strict=False):
         np.testing.assert_allclose(g, a[name], rtol=2e-4, atol=2e-6, err_msg=name)
+
+
+def test_normalizer_and_loss_denominator(rng):
+    """`normalizer=` replaces the mean's denominator, which `loss_denominator` reproduces;
+    a Python number <= 0 is refused, a traced 0 is the all-ignored convention."""
+    h, w, y = make_case(rng, lead=(3, 7), d=8, v=50, dtype=np.float32)
+    cw = rng.uniform(0.3, 2.0, size=(50,)).astype(np.float32)
+    sw = rng.uniform(0.5, 1.5, size=y.shape).astype(np.float32)
+    kw = dict(weight=cw, sample_weight=sw, label_smoothing=0.1, chunk_size=16)
+
+    @jax.jit
+    def run(h, w, n):
+        den = jsm.loss_denominator(y, weight=cw, sample_weight=sw)
+        zero = jax.value_and_grad(lambda h: lce(h, w, y, normalizer=n, **kw))(h)
+        return lce(h, w, y, **kw), lce(h, w, y, normalizer=den, **kw), zero
+
+    mean, with_den, (zero, g_zero) = run(h, w, jnp.float32(0.0))
+    np.testing.assert_allclose(with_den, mean, rtol=1e-6)
+    assert float(zero) == 0.0 and not np.any(np.asarray(g_zero))
+    for bad in (0, -2.0):
+        with pytest.raises(ValueError, match="`normalizer` must be finite and > 0"):
+            lce(h, w, y, normalizer=bad)

@@ -32,6 +32,7 @@ EXPECTED = {
     "02_imbalanced_classification.ipynb",
     "03_large_vocab_lm.ipynb",
     "04_calibration_open_set.ipynb",
+    "05_rl_token_logprobs.ipynb",
 }
 
 
