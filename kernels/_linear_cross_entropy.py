@@ -75,18 +75,27 @@ class _Options:
 
 
 def _tile_grad(z, lse, labels, scale, cols, valid, st: _Options, col_start, block_cols):
-    """Loss gradient w.r.t. the *uncapped* logits tile, 0 at padding columns and, with
-    gradient filtering, 0 over a tile :func:`._common.filter_keep` lets go.
+    """``(dz, keep)``: the loss gradient w.r.t. the *uncapped* logits tile (0 at padding
+    columns) and, with gradient filtering, whether the tile's work must be done (a scalar
+    bool; ``None`` without filtering). See :func:`._common.filter_keep`.
 
     ``scale`` must be 0 at padding rows (their garbage must not keep a tile).
     """
     d = cm.ce_grad(z, lse, labels, 1.0, cols, valid, st.loss)
     # Padding columns may hold garbage (NaN) logits; 0·NaN must not leak.
     dz = jnp.where(valid, cm.softcap_grad(d * scale, z, st.softcap), 0.0)
-    if st.filter_eps is not None:
-        keep = cm.filter_keep(d, labels, scale, valid, col_start, block_cols, st.filter_eps)
-        dz = jnp.where(keep > 0, dz, 0.0)
-    return dz
+    if st.filter_eps is None:
+        return dz, None
+    keep = cm.filter_keep(d, labels, scale, valid, col_start, block_cols, st.filter_eps)
+    return dz, keep[0, 0] > 0
+
+
+def _when(keep, body):
+    """``body()``, under ``pl.when(keep)`` when the tile is predicated by the filter."""
+    if keep is None:
+        body()
+    else:
+        pl.when(keep)(body)
 
 
 # ---------------------------------------------------------- Mosaic (TPU) kernels
@@ -163,12 +172,18 @@ def _dh_kernel_tpu(*refs, st: _Options, block_rows: int, block_cols: int):
         # not keep a tile the filter would let go.
         scale = jnp.where(cm.row_ids(scale.shape, i * block_rows) < st.n_rows, scale, 0.0)
     valid = cols < st.loss.n_classes
-    dz = _tile_grad(z, lse_ref[...], labels, scale, cols, valid, st, j * block_cols, block_cols)
-    w = _tpu_masked_weight(w_ref, j, block_cols, st)
-    dims = cm.NN if st.vocab_major else cm.NT
-    acc_ref[...] += jax.lax.dot_general(
-        dz.astype(w.dtype), w, dims, preferred_element_type=jnp.float32
+    dz, keep = _tile_grad(
+        z, lse_ref[...], labels, scale, cols, valid, st, j * block_cols, block_cols
     )
+
+    def accumulate():
+        w = _tpu_masked_weight(w_ref, j, block_cols, st)
+        dims = cm.NN if st.vocab_major else cm.NT
+        acc_ref[...] += jax.lax.dot_general(
+            dz.astype(w.dtype), w, dims, preferred_element_type=jnp.float32
+        )
+
+    _when(keep, accumulate)
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
@@ -201,15 +216,21 @@ def _dw_kernel_tpu(*refs, st: _Options, block_rows: int, block_cols: int):
         valid = valid & rows_ok
         h = jnp.where(rows_ok, h, 0)
         scale = jnp.where(rows_ok, scale, 0.0)
-    dz = _tile_grad(z, lse_ref[...], labels, scale, cols, valid, st, j * block_cols, block_cols)
-    # Contract over the rows (dimension 0 of both): a transposed-LHS matmul, which
-    # Mosaic's matmul canonicalisation handles; the accumulator already has the weight's
-    # layout, so nothing is transposed at the end.
-    dz_c = dz.astype(h.dtype)
-    a, b = (dz_c, h) if st.vocab_major else (h, dz_c)
-    acc_ref[...] += jax.lax.dot_general(a, b, cm.TN, preferred_element_type=jnp.float32)
-    if bacc_ref is not None:
-        bacc_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
+    dz, keep = _tile_grad(
+        z, lse_ref[...], labels, scale, cols, valid, st, j * block_cols, block_cols
+    )
+
+    def accumulate():
+        # Contract over the rows (dimension 0 of both): a transposed-LHS matmul, which
+        # Mosaic's matmul canonicalisation handles; the accumulator already has the
+        # weight's layout, so nothing is transposed at the end.
+        dz_c = dz.astype(h.dtype)
+        a, b = (dz_c, h) if st.vocab_major else (h, dz_c)
+        acc_ref[...] += jax.lax.dot_general(a, b, cm.TN, preferred_element_type=jnp.float32)
+        if bacc_ref is not None:
+            bacc_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
+
+    _when(keep, accumulate)
 
     @pl.when(i == pl.num_programs(1) - 1)
     def _finish():
