@@ -46,8 +46,11 @@ from jsoftmax import _numerics as num
 
 from . import _common as cm
 
-# A chunk's logits (C x V in the compute dtype) stay below this; C is capped at 1024 rows,
-# where the d_weight GEMM (contraction length C) is already compute-bound.
+# A chunk's logits (C x V in the compute dtype) stay below this: 256 MiB at V = 131072
+# bf16, 500 MiB at V = 256000 -- 1/16 of what the leanest naive program (bf16 logits and
+# their bf16 gradient) holds. C is capped at 1024 rows, where the d_weight GEMM (its
+# contraction length is C, and it re-reads and re-writes d_weight: beta = 1) still does
+# ~450 FLOP per byte, above an H100's ~230 FLOP/B ridge.
 CHUNK_BYTES = 512 * 2**20
 MAX_CHUNK_ROWS = 1024
 # Gradient tile (rows, vocabulary) -- also the filtering granularity -- and the hidden
