@@ -38,9 +38,11 @@ import functools
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.interpreters import mlir
 
 from jsoftmax import _numerics as num
 
@@ -83,26 +85,50 @@ class Plan:
     splits: int  # statistics programs along the vocabulary
 
 
-def check_blocks(br: int, bv: int, bd: int, itemsize: int) -> None:
-    """``ValueError`` naming the limit a tile configuration would break on the GPU."""
+def _smem_bytes(br: int, bv: int, bd: int, itemsize: int) -> int:
+    """Shared memory of the block-sparse matmuls: their operand tiles, per pipeline stage."""
+    return GEMM_STAGES * max(br * bv + bv * bd, br * bd + br * bv) * itemsize
+
+
+def blocks_problem(br: int, bv: int, bd: int, itemsize: int) -> str | None:
+    """Why a tile configuration cannot compile on the GPU (the limit it breaks), or None."""
     for name, elems in (
         ("block_rows x block_cols", br * bv),
         ("block_cols x block_d", bv * bd),
         ("block_rows x block_d", br * bd),
     ):
         if elems > TRITON_MAX_ELEMENTS:
-            raise ValueError(
+            return (
                 f"GPU linear_cross_entropy tiles: {name} = {elems} elements exceeds Triton's "
                 f"limit of {TRITON_MAX_ELEMENTS} (2**20) elements per tensor."
             )
-    smem = GEMM_STAGES * max(br * bv + bv * bd, br * bd + br * bv) * itemsize
+    smem = _smem_bytes(br, bv, bd, itemsize)
     if smem > SMEM_LIMIT_BYTES:
-        raise ValueError(
+        return (
             f"GPU linear_cross_entropy tiles (block_rows={br}, block_cols={bv}, "
             f"block_d={bd}) need {smem} bytes of shared memory for the gradient matmuls "
             f"({GEMM_STAGES} stages), above the {SMEM_LIMIT_BYTES}-byte per-block limit of "
             "A100 (the smaller of the supported GPUs)."
         )
+    return None
+
+
+# `platform_dependent` traces the GPU branch on every host, also where it is never lowered
+# (TPU, or the CPU interpreter), and the block keywords size the TPU tiles too. So a tile
+# configuration the GPU cannot compile is reported when the GPU branch is *lowered*: an
+# identity primitive whose CUDA/ROCm lowering raises the ValueError, before Triton runs.
+_tile_error_p = jax.extend.core.Primitive("jsoftmax_gpu_tile_error")
+_tile_error_p.def_impl(lambda x, *, message: x)
+_tile_error_p.def_abstract_eval(lambda x, *, message: x)
+
+
+def _raise_tile_error(ctx, x, *, message):
+    raise ValueError(message)
+
+
+for _platform in ("cuda", "rocm"):
+    mlir.register_lowering(_tile_error_p, _raise_tile_error, platform=_platform)
+mlir.register_lowering(_tile_error_p, lambda ctx, x, *, message: [x])
 
 
 def plan(st: Any, cfg: cm.Config, itemsize: int) -> Plan:
@@ -111,10 +137,11 @@ def plan(st: Any, cfg: cm.Config, itemsize: int) -> Plan:
     br = cm.gpu_block(n, cfg.block_rows, GPU_TILES[0], minimum=16)
     bv = cm.gpu_block(v, cfg.block_cols, GPU_TILES[1], minimum=16)
     bd = cm.gpu_block(d, cfg.block_d, GPU_TILES[2], minimum=16)
-    if jax.default_backend() != "tpu" or cfg.backend == "gpu":
-        # `platform_dependent` traces this branch on a TPU host too, where the same
-        # block keywords size the TPU tiles; there it is never compiled, so no check.
-        check_blocks(br, bv, bd, itemsize)
+    if cfg.block_d is None:
+        # The default hidden tile shrinks until the matmuls' stages fit (float32, or
+        # larger row / vocabulary tiles).
+        while bd > 16 and _smem_bytes(br, bv, bd, itemsize) > SMEM_LIMIT_BYTES:
+            bd //= 2
     rows = st.chunk_rows or min(MAX_CHUNK_ROWS, CHUNK_BYTES // (v * itemsize))
     rows = max(br, rows // br * br)
     n_chunks = cm.cdiv(n, rows)
@@ -388,6 +415,11 @@ def _chunked(x, p: Plan, fill):
 def _setup(hidden, weight, bias, st, cfg):
     cdt = jnp.dtype(st.compute_dtype)
     p = plan(st, cfg, cdt.itemsize)
+    problem = blocks_problem(p.br, p.bv, p.bd, cdt.itemsize)
+    if problem is not None:
+        if cfg.backend == "gpu":  # this style was asked for: fail now
+            raise ValueError(problem)
+        hidden = _tile_error_p.bind(hidden, message=problem)
     b = None if bias is None else bias.reshape(1, -1)
     return p, hidden.astype(cdt), weight.astype(cdt), b
 

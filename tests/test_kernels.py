@@ -691,22 +691,21 @@ def test_linear_cross_entropy_bad_options_raise():
         K.linear_cross_entropy(h, w, y, filter_eps=-1e-3)
     with pytest.raises(ValueError, match="filter_eps"):
         K.linear_cross_entropy(h, w, y, filter_eps="exact")
-    # GPU tiles the Triton compiler would reject are refused before it runs (abstract
-    # shapes: nothing is computed).
+    # GPU tiles the Triton compiler would reject are refused when the GPU kernel is
+    # lowered, before Triton runs; the TPU lowering (same keywords, its own tiles) is fine.
     S = jax.ShapeDtypeStruct
     args = S((4096, 512), jnp.bfloat16), S((512, 8192), jnp.bfloat16), S((4096,), jnp.int32)
+
+    def lower(platform, **blocks):
+        f = lambda h, w, y: K.linear_cross_entropy(h, w, y, **blocks)  # noqa: E731
+        return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
+
     with pytest.raises(ValueError, match=r"Triton's limit of 1048576 \(2\*\*20\)"):
-        jax.eval_shape(
-            lambda h, w, y: K.linear_cross_entropy(h, w, y, block_rows=1024, block_cols=2048),
-            *args,
-        )
+        lower("cuda", block_rows=1024, block_cols=2048)
+    big = dict(block_rows=256, block_cols=256, block_d=256)
     with pytest.raises(ValueError, match="shared memory.*166912-byte per-block limit of A100"):
-        jax.eval_shape(
-            lambda h, w, y: K.linear_cross_entropy(
-                h, w, y, block_rows=256, block_cols=256, block_d=256
-            ),
-            *args,
-        )
+        lower("cuda", **big)
+    lower("tpu", **big)
 
 
 def test_compiled_mode_is_refused_on_cpu():
