@@ -311,7 +311,7 @@ def _sparse_dw_kernel(cnt_ref, idx_ref, h_ref, dz_ref, _dw_in_ref, dw_ref, *, st
 # ------------------------------------------------------------- pallas_call wrappers
 
 
-def _stats_call(z, bias, labels, *, st, p: Plan, interpret):
+def _stats_call(z, linear_bias, labels, *, st, p: Plan, interpret):
     """``(loss, lse)`` of one chunk of logits, each ``(chunk, 1)``."""
     c = z.shape[0]
     acc = _acc(st)
@@ -322,7 +322,7 @@ def _stats_call(z, bias, labels, *, st, p: Plan, interpret):
         compiler_params=cm.gpu_params(p.sr * p.sc),
         interpret=interpret,
         name="jsoftmax_linear_cross_entropy_stats",
-    )(z, *([bias] if st.has_bias else []), labels)
+    )(z, *([linear_bias] if st.has_bias else []), labels)
     m, s, zy, zsum = parts
     # Merge the vocabulary splits (an empty split has max -inf and sum 0).
     m_all = jnp.max(m, axis=1, keepdims=True)
@@ -332,7 +332,7 @@ def _stats_call(z, bias, labels, *, st, p: Plan, interpret):
     return cm.ce_finish(stats, labels, st.loss)
 
 
-def _grad_call(z, bias, labels, lse, g, *, st, p: Plan, interpret):
+def _grad_call(z, linear_bias, labels, lse, g, *, st, p: Plan, interpret):
     """``(dz in z's buffer, tile flags or None, bias partial sums or None)``."""
     c, v = z.shape
     grid = (c // p.br, cm.cdiv(v, p.bv))
@@ -349,7 +349,7 @@ def _grad_call(z, bias, labels, lse, g, *, st, p: Plan, interpret):
         compiler_params=cm.gpu_params(p.br * p.bv),
         interpret=interpret,
         name="jsoftmax_linear_cross_entropy_grad",
-    )(z, *([bias] if st.has_bias else []), labels, lse, g)
+    )(z, *([linear_bias] if st.has_bias else []), labels, lse, g)
     dz, *rest = out
     flags = rest.pop(0) if st.filter_eps is not None else None
     db = rest.pop(0) if st.has_bias else None
@@ -360,7 +360,7 @@ def _gemm_params() -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
 
 
-def _sparse_grads(h_c, dz, flags, weight, dw, *, st, p: Plan, hidden_dtype, interpret):
+def _sparse_grads(h_c, dz, flags, linear_weight, dw, *, st, p: Plan, hidden_dtype, interpret):
     """``(d_hidden of the chunk, d_weight + this chunk's part)`` over flagged tiles only."""
     c = dz.shape[0]
     keep = flags > 0
@@ -377,7 +377,7 @@ def _sparse_grads(h_c, dz, flags, weight, dw, *, st, p: Plan, hidden_dtype, inte
         compiler_params=_gemm_params(),
         interpret=interpret,
         name="jsoftmax_linear_cross_entropy_dh",
-    )(cnt_rows, idx_rows, dz, weight)
+    )(cnt_rows, idx_rows, dz, linear_weight)
     dw = pl.pallas_call(
         functools.partial(_sparse_dw_kernel, st=st, p=p),
         grid=(cm.cdiv(st.hidden, p.bd), flags.shape[1]),
@@ -393,22 +393,22 @@ def _sparse_grads(h_c, dz, flags, weight, dw, *, st, p: Plan, hidden_dtype, inte
 # ---------------------------------------------------------------------- chunk loops
 
 
-def _logits(h_c, weight, st):
+def _logits(h_c, linear_weight, st):
     """One chunk's logits ``h_c @ W`` in the compute dtype (an XLA dot: cuBLAS on GPU)."""
     dims = cm.NT if st.vocab_major else cm.NN
     cdt = jnp.dtype(st.compute_dtype)
-    return jax.lax.dot_general(h_c, weight, dims, preferred_element_type=cdt)
+    return jax.lax.dot_general(h_c, linear_weight, dims, preferred_element_type=cdt)
 
 
-def _dense_grads(h_c, dz, weight, dw, st, hidden_dtype):
+def _dense_grads(h_c, dz, linear_weight, dw, st, hidden_dtype):
     """XLA dots: ``d_hidden`` of the chunk and ``d_weight + h_c^T dz`` (beta = 1 GEMM)."""
     # The update is rounded to the weight's dtype before the add: XLA then fuses the add
     # into the GEMM's epilogue (an float32 update would be a (D, V) float32 buffer).
     if st.vocab_major:  # W (V, D): dh = dz W, dW += dz^T h
-        dh = jax.lax.dot_general(dz, weight, cm.NN, preferred_element_type=hidden_dtype)
+        dh = jax.lax.dot_general(dz, linear_weight, cm.NN, preferred_element_type=hidden_dtype)
         upd = jax.lax.dot_general(dz, h_c, cm.TN, preferred_element_type=dw.dtype)
     else:  # W (D, V): dh = dz W^T, dW += h^T dz
-        dh = jax.lax.dot_general(dz, weight, cm.NT, preferred_element_type=hidden_dtype)
+        dh = jax.lax.dot_general(dz, linear_weight, cm.NT, preferred_element_type=hidden_dtype)
         upd = jax.lax.dot_general(h_c, dz, cm.TN, preferred_element_type=dw.dtype)
     return dh, dw + upd
 
@@ -421,7 +421,7 @@ def _chunked(x, p: Plan, fill):
     return x.reshape((p.n_chunks, p.chunk) + x.shape[1:])
 
 
-def _setup(hidden, weight, bias, st, cfg):
+def _setup(hidden, linear_weight, linear_bias, st, cfg):
     cdt = jnp.dtype(st.compute_dtype)
     p = plan(st, cfg, cdt.itemsize)
     problem = blocks_problem(p.br, p.bv, p.bd, cdt.itemsize)
@@ -429,13 +429,13 @@ def _setup(hidden, weight, bias, st, cfg):
         if cfg.backend == "gpu":  # this style was asked for: fail now
             raise ValueError(problem)
         hidden = _tile_error_p.bind(hidden, message=problem)
-    b = None if bias is None else bias.reshape(1, -1)
-    return p, hidden.astype(cdt), weight.astype(cdt), b
+    b = None if linear_bias is None else linear_bias.reshape(1, -1)
+    return p, hidden.astype(cdt), linear_weight.astype(cdt), b
 
 
-def forward(hidden, weight, bias, labels, *, st, cfg, interpret):
+def forward(hidden, linear_weight, linear_bias, labels, *, st, cfg, interpret):
     """Per-row ``(loss, lse)``, each ``(N, 1)``: one logits matmul and one read per chunk."""
-    p, h, w, b = _setup(hidden, weight, bias, st, cfg)
+    p, h, w, b = _setup(hidden, linear_weight, linear_bias, st, cfg)
 
     def body(_, xs):
         h_c, y_c = xs
@@ -447,11 +447,11 @@ def forward(hidden, weight, bias, labels, *, st, cfg, interpret):
     return loss.reshape(-1, 1)[:n], lse.reshape(-1, 1)[:n]
 
 
-def _grads(hidden, weight, bias, labels, g, lse, *, st, cfg, interpret):
+def _grads(hidden, linear_weight, linear_bias, labels, g, lse, *, st, cfg, interpret):
     """Gradients for per-row cotangents ``g``; ``lse=None`` computes it per chunk too
     (and returns the per-row loss), else it is the forward's."""
-    p, h, w, b = _setup(hidden, weight, bias, st, cfg)
-    hdt, wdt = hidden.dtype, weight.dtype
+    p, h, w, b = _setup(hidden, linear_weight, linear_bias, st, cfg)
+    hdt, wdt = hidden.dtype, linear_weight.dtype
 
     def body(carry, xs):
         dw, db = carry
@@ -479,26 +479,25 @@ def _grads(hidden, weight, bias, labels, g, lse, *, st, cfg, interpret):
     ]
     if lse is not None:
         xs.append(_chunked(lse, p, 0))
-    db0 = jnp.zeros((st.loss.n_classes,), jnp.float32) if bias is not None else None
-    (dw, db), (dh, loss) = jax.lax.scan(body, (jnp.zeros(weight.shape, wdt), db0), xs)
+    db0 = jnp.zeros((st.loss.n_classes,), jnp.float32) if linear_bias is not None else None
+    (dw, db), (dh, loss) = jax.lax.scan(body, (jnp.zeros(linear_weight.shape, wdt), db0), xs)
     n = st.n_rows
     dh = dh.reshape(-1, st.hidden)[:n]
-    db = None if db is None else db.astype(bias.dtype)
+    db = None if db is None else db.astype(linear_bias.dtype)
     loss = None if loss is None else loss.reshape(-1, 1)[:n]
     return loss, dh, dw, db
 
 
-def backward(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
+def backward(hidden, linear_weight, linear_bias, labels, lse, g, *, st, cfg, interpret):
     """``(d_hidden, d_weight, d_bias or None)`` for per-row cotangents ``g``: the logits
     of each chunk are recomputed (the fourth matmul of a per-row loss)."""
     kw = dict(st=st, cfg=cfg, interpret=interpret)
-    _, dh, dw, db = _grads(hidden, weight, bias, labels, g, lse, **kw)
+    _, dh, dw, db = _grads(hidden, linear_weight, linear_bias, labels, g, lse, **kw)
     return dh, dw, db
 
 
-def fused(hidden, weight, bias, labels, row_weight, *, st, cfg, interpret):
+def fused(hidden, linear_weight, linear_bias, labels, row_weight, *, st, cfg, interpret):
     """``(per-row loss (N, 1), d_hidden, d_weight, d_bias)`` of ``sum_i row_weight_i l_i``
     in one sweep: three matmuls per token (the gradient of a scalar loss, in its forward)."""
-    return _grads(
-        hidden, weight, bias, labels, row_weight, None, st=st, cfg=cfg, interpret=interpret
-    )
+    kw = dict(st=st, cfg=cfg, interpret=interpret)
+    return _grads(hidden, linear_weight, linear_bias, labels, row_weight, None, **kw)
