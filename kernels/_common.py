@@ -359,3 +359,72 @@ def ce_grad(
     if opts.label_smoothing > 0.0:
         d = d - opts.label_smoothing / opts.n_classes
     return jnp.where(valid, d * scale, 0.0)
+
+
+# ------------------------------------------- linear cross-entropy tiles (shared)
+
+# dot_general dimension numbers: (m, k) x (k, n), (m, k) x (n, k), (k, m) x (k, n).
+NN = (((1,), (0,)), ((), ()))
+NT = (((1,), (1,)), ((), ()))
+TN = (((0,), (0,)), ((), ()))
+
+
+def softcap(z: jax.Array, cap: float | None) -> jax.Array:
+    """``cap·tanh(z/cap)`` (Gemma 2's logit soft-capping); ``z`` itself when ``cap`` is None."""
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def softcap_grad(dz: jax.Array, capped: jax.Array, cap: float | None) -> jax.Array:
+    """``dz`` times ``d(cap·tanh(u/cap))/du = 1 - (capped/cap)²``, from the capped logits."""
+    return dz if cap is None else dz * (1.0 - jnp.square(capped / cap))
+
+
+def filter_eps_value(filter_eps: Any, compute_dtype: Any) -> float | None:
+    """The static gradient-filtering threshold: ``None`` (exact), a float ``>= 0``, or
+    ``"auto"`` -- the compute dtype's machine epsilon / 32 (``2**-12`` for bfloat16)."""
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(
+                f"`filter_eps` must be None, a float >= 0 or 'auto', got {filter_eps!r}."
+            )
+        return float(jnp.finfo(compute_dtype).eps) / 32.0
+    if isinstance(filter_eps, (bool, np.bool_)) or not isinstance(
+        filter_eps, (int, float, np.number)
+    ):
+        raise TypeError(
+            "`filter_eps` must be None, a Python float or 'auto' (it is static), "
+            f"got {filter_eps!r}."
+        )
+    value = float(filter_eps)
+    if not (np.isfinite(value) and value >= 0.0):
+        raise ValueError(f"`filter_eps` must be a finite float >= 0, got {filter_eps}.")
+    return value
+
+
+def filter_keep(
+    d: jax.Array,
+    labels: jax.Array,
+    scale: jax.Array,
+    valid: jax.Array,
+    col_start: Any,
+    block_cols: int,
+    eps: float,
+) -> jax.Array:
+    """Whether a ``(rows, cols)`` gradient tile must be applied, as a ``(1, 1)`` float 0/1.
+
+    ``d`` is the unscaled logits gradient ``p(1 + 2λ lse) - target`` of the tile and
+    ``scale`` the per-row factor (0 at ignored rows, NaN at bad labels). The tile may be
+    skipped only when, over its active rows (``scale != 0``), every ``|d| < eps`` *and*
+    no row's label lies in the tile's columns (a label's own term is never dropped) *and*
+    no row is poisoned (NaN). ``~(|d| < eps)`` keeps NaN entries.
+    """
+    active = scale != 0
+    big = active & valid & ~(jnp.abs(d) < eps)
+    in_tile = (labels >= col_start) & (labels < col_start + block_cols)
+    row_flag = active & (in_tile | jnp.isnan(scale))
+    hit = jnp.maximum(
+        jnp.max(jnp.where(big, 1.0, 0.0), axis=1, keepdims=True), jnp.where(row_flag, 1.0, 0.0)
+    )
+    return jnp.max(hit, axis=0, keepdims=True)

@@ -1,27 +1,26 @@
 """Fused linear + cross-entropy: ``loss_i = CE(h_i · W + b, y_i)`` without the logits.
 
-The ``(N, V)`` logits never reach HBM: each ``(rows, vocab)`` tile of logits is made by a
-matmul in the kernel, folded into an online logsumexp (plus the label logit and, with
-label smoothing, the logit sum), and dropped. Only ``lse`` (one float per row) is saved
-for the backward, which recomputes each logits tile and turns it into
-
-* ``d_hidden`` -- per row block, accumulated over the vocabulary tiles;
-* ``d_weight`` (and ``d_bias``) -- per vocabulary block, accumulated over the row tiles;
-
-two kernels, each owning its output tile, so no atomics and deterministic results.
+The full ``(N, V)`` logits never reach HBM. Only ``lse`` (one float per row) is saved for
+the backward of a per-row loss; a scalar loss (``reduction="sum"``/``"mean"``) computes its
+gradient in the forward, so its backward only scales it.
 
 Backends:
 
-* Mosaic TPU: grid ``(row_blocks, vocab_blocks)`` (``(vocab_blocks, row_blocks)`` for
-  ``d_weight``) with the reduction axis ``"arbitrary"``; the whole hidden dimension is in
-  each block (MXU matmuls of ``(rows, D) x (D, vocab)``), accumulators in VMEM scratch.
-* Triton GPU: a program per row block (per vocabulary block for ``d_weight``) looping
-  over vocabulary (row) tiles, and inside each over ``block_d`` chunks of the hidden
-  dimension with ``tl.dot``; gradients accumulate in float32 in the output buffer owned by
-  the program (read-modify-write of its own rows/columns, no atomics) and are cast once.
+* Mosaic TPU (this file): each ``(rows, vocab)`` tile of logits is made by an MXU matmul
+  (the whole hidden dimension in each block), folded into an online logsumexp (plus the
+  label logit and, with label smoothing, the logit sum) and dropped. Grid ``(row_blocks,
+  vocab_blocks)`` with the reduction axis ``"arbitrary"``; the backward recomputes each
+  tile for ``d_hidden`` (per row block, accumulated over vocabulary tiles) and, in a
+  second kernel on grid ``(vocab_blocks, row_blocks)``, for ``d_weight``/``d_bias``; each
+  kernel owns its output tile (no atomics), accumulators in VMEM scratch.
+* GPU (``_linear_cross_entropy_gpu.py``): chunks of tokens whose logits are one XLA
+  (cuBLAS) matmul, reduced and turned into their gradient by Triton kernels, with the
+  ``d_hidden``/``d_weight`` matmuls in XLA -- or, with gradient filtering, in block-sparse
+  Triton matmuls. The design and its arithmetic are in that module's docstring.
 
 ``logit_softcap = s`` replaces each logit ``z`` by ``s·tanh(z/s)`` (Gemma 2) before the
-loss; its derivative ``1 - (z'/s)²`` is applied in the backward tiles.
+loss; its derivative ``1 - (z'/s)²`` is applied in the backward tiles. ``filter_eps``
+skips the backward work of tiles whose gradient is negligible (:func:`._common.filter_keep`).
 """
 
 from __future__ import annotations
@@ -33,12 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 from jax.typing import ArrayLike
 
 from jsoftmax import _validate as check
 
 from . import _common as cm
+from . import _linear_cross_entropy_gpu as gpu
 
 # TPU VMEM budget for one kernel's blocks, double buffers and accumulators: below the
 # 16 MiB default scoped VMEM limit of v4/v5e (v5p/v6e have more).
@@ -54,17 +53,6 @@ _TPU_BLOCK_CANDIDATES = (
     (16, 128),
     (8, 128),
 )
-# Triton tiles (tl.dot needs every dimension >= 16), as (rows, vocab, hidden chunk).
-# Programs over row blocks (forward, d_hidden) keep 64 rows so that a batch of 8k rows
-# still fills ~128 SMs, and take 128-wide vocabulary tiles: the d_hidden kernel's
-# read-modify-write traffic on its float32 rows scales as 1/block_cols. Programs over
-# vocabulary blocks (d_weight) swap them: their accumulator traffic scales as 1/block_rows.
-_GPU_BLOCKS_ROW_MAJOR = (64, 128, 32)
-_GPU_BLOCKS_VOCAB_MAJOR = (128, 64, 32)
-
-_NN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
-_NT = (((1,), (1,)), ((), ()))  # (m, k) x (n, k)
-_TN = (((0,), (0,)), ((), ()))  # (k, m) x (k, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,23 +66,35 @@ class _Options:
     softcap: float | None
     has_bias: bool
     compute_dtype: str  # matmul operand dtype (promotion of hidden and weight)
+    filter_eps: float | None = None  # gradient filtering threshold (None: exact)
+    chunk_rows: int | None = None  # GPU: tokens per chunk (None: from the memory budget)
 
 
 # ---------------------------------------------------------------- per-tile math
 
 
-def _cap(z: jax.Array, st: _Options) -> jax.Array:
-    return z if st.softcap is None else st.softcap * jnp.tanh(z / st.softcap)
+def _tile_grad(z, lse, labels, scale, cols, valid, st: _Options, col_start, block_cols):
+    """``(dz, keep)``: the loss gradient w.r.t. the *uncapped* logits tile (0 at padding
+    columns) and, with gradient filtering, whether the tile's work must be done (a scalar
+    bool; ``None`` without filtering). See :func:`._common.filter_keep`.
 
-
-def _tile_grad(z, lse, labels, scale, cols, valid, st: _Options) -> jax.Array:
-    """Loss gradient w.r.t. the *uncapped* logits tile, 0 at padding columns."""
-    dz = cm.ce_grad(z, lse, labels, scale, cols, valid, st.loss)
-    if st.softcap is not None:
-        # d(s·tanh(u/s))/du = 1 - tanh² = 1 - (z/s)² with z the capped logit.
-        dz = dz * (1.0 - jnp.square(z / st.softcap))
+    ``scale`` must be 0 at padding rows (their garbage must not keep a tile).
+    """
+    d = cm.ce_grad(z, lse, labels, 1.0, cols, valid, st.loss)
     # Padding columns may hold garbage (NaN) logits; 0·NaN must not leak.
-    return jnp.where(valid, dz, 0.0)
+    dz = jnp.where(valid, cm.softcap_grad(d * scale, z, st.softcap), 0.0)
+    if st.filter_eps is None:
+        return dz, None
+    keep = cm.filter_keep(d, labels, scale, valid, col_start, block_cols, st.filter_eps)
+    return dz, keep[0, 0] > 0
+
+
+def _when(keep, body):
+    """``body()``, under ``pl.when(keep)`` when the tile is predicated by the filter."""
+    if keep is None:
+        body()
+    else:
+        pl.when(keep)(body)
 
 
 # ---------------------------------------------------------- Mosaic (TPU) kernels
@@ -105,11 +105,11 @@ def _tpu_logits(h_ref, w_ref, b_ref, st: _Options) -> jax.Array:
     h = h_ref[...].astype(cdt)
     w = w_ref[...].astype(cdt)
     z = jax.lax.dot_general(
-        h, w, _NT if st.vocab_major else _NN, preferred_element_type=jnp.float32
+        h, w, cm.NT if st.vocab_major else cm.NN, preferred_element_type=jnp.float32
     )
     if b_ref is not None:
         z = z + b_ref[...].astype(jnp.float32)
-    return _cap(z, st)
+    return cm.softcap(z, st.softcap)
 
 
 def _split_refs(refs, st: _Options, n_row_inputs: int):
@@ -154,9 +154,9 @@ def _tpu_masked_weight(w_ref, j, block_cols: int, st: _Options) -> jax.Array:
     return w
 
 
-def _dh_kernel_tpu(*refs, st: _Options, block_cols: int):
+def _dh_kernel_tpu(*refs, st: _Options, block_rows: int, block_cols: int):
     h_ref, w_ref, b_ref, (lab_ref, lse_ref, g_ref), (dh_ref, acc_ref) = _split_refs(refs, st, 3)
-    j = pl.program_id(1)
+    i, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
@@ -166,11 +166,23 @@ def _dh_kernel_tpu(*refs, st: _Options, block_cols: int):
     labels = lab_ref[...]
     cols = cm.col_ids(z.shape, j * block_cols)
     scale = cm.ce_row_scale(g_ref[...], labels, st.loss)
-    dz = _tile_grad(z, lse_ref[...], labels, scale, cols, cols < st.loss.n_classes, st)
-    w = _tpu_masked_weight(w_ref, j, block_cols, st)
-    acc_ref[...] += jax.lax.dot_general(
-        dz.astype(w.dtype), w, _NN if st.vocab_major else _NT, preferred_element_type=jnp.float32
+    if st.n_rows % block_rows:
+        # Padding rows hold garbage; their output rows are dropped, but their scale must
+        # not keep a tile the filter would let go.
+        scale = jnp.where(cm.row_ids(scale.shape, i * block_rows) < st.n_rows, scale, 0.0)
+    valid = cols < st.loss.n_classes
+    dz, keep = _tile_grad(
+        z, lse_ref[...], labels, scale, cols, valid, st, j * block_cols, block_cols
     )
+
+    def accumulate():
+        w = _tpu_masked_weight(w_ref, j, block_cols, st)
+        dims = cm.NN if st.vocab_major else cm.NT
+        acc_ref[...] += jax.lax.dot_general(
+            dz.astype(w.dtype), w, dims, preferred_element_type=jnp.float32
+        )
+
+    _when(keep, accumulate)
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
@@ -196,204 +208,34 @@ def _dw_kernel_tpu(*refs, st: _Options, block_rows: int, block_cols: int):
     cols = cm.col_ids(z.shape, j * block_cols)
     valid = cols < st.loss.n_classes
     h = h_ref[...].astype(jnp.dtype(st.compute_dtype))
+    scale = cm.ce_row_scale(g_ref[...], labels, st.loss)
     if st.n_rows % block_rows:
-        # Padding rows hold garbage: drop them from the sums over rows.
+        # Padding rows hold garbage: drop them from the sums over rows (and the filter).
         rows_ok = cm.row_ids((z.shape[0], 1), i * block_rows) < st.n_rows
         valid = valid & rows_ok
         h = jnp.where(rows_ok, h, 0)
-    scale = cm.ce_row_scale(g_ref[...], labels, st.loss)
-    dz = _tile_grad(z, lse_ref[...], labels, scale, cols, valid, st)
-    # Contract over the rows (dimension 0 of both): a transposed-LHS matmul, which
-    # Mosaic's matmul canonicalisation handles; the accumulator already has the weight's
-    # layout, so nothing is transposed at the end.
-    dz_c = dz.astype(h.dtype)
-    a, b = (dz_c, h) if st.vocab_major else (h, dz_c)
-    acc_ref[...] += jax.lax.dot_general(a, b, _TN, preferred_element_type=jnp.float32)
-    if bacc_ref is not None:
-        bacc_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
+        scale = jnp.where(rows_ok, scale, 0.0)
+    dz, keep = _tile_grad(
+        z, lse_ref[...], labels, scale, cols, valid, st, j * block_cols, block_cols
+    )
+
+    def accumulate():
+        # Contract over the rows (dimension 0 of both): a transposed-LHS matmul, which
+        # Mosaic's matmul canonicalisation handles; the accumulator already has the
+        # weight's layout, so nothing is transposed at the end.
+        dz_c = dz.astype(h.dtype)
+        a, b = (dz_c, h) if st.vocab_major else (h, dz_c)
+        acc_ref[...] += jax.lax.dot_general(a, b, cm.TN, preferred_element_type=jnp.float32)
+        if bacc_ref is not None:
+            bacc_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
+
+    _when(keep, accumulate)
 
     @pl.when(i == pl.num_programs(1) - 1)
     def _finish():
         dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
         if db_ref is not None:
             db_ref[...] = bacc_ref[...].astype(db_ref.dtype)
-
-
-# ---------------------------------------------------------- Triton (GPU) kernels
-
-
-def _gpu_logits(h_ref, w_ref, b_ref, r0, v0, rows_ok, st: _Options, br, bv, bd):
-    """One ``(br, bv)`` float32 logits tile, contracting the hidden dim in ``bd`` chunks."""
-    cdt = jnp.dtype(st.compute_dtype)
-    vocab_ok_r = cm.row_ids((bv, 1), v0) < st.loss.n_classes
-    vocab_ok_c = cm.col_ids((1, bv), v0) < st.loss.n_classes
-
-    def body(k, z):
-        d0 = k * bd
-        d_ok_c = cm.col_ids((1, bd), d0) < st.hidden
-        h = plgpu.load(
-            h_ref.at[pl.ds(r0, br), pl.ds(d0, bd)], mask=rows_ok & d_ok_c, other=0.0
-        ).astype(cdt)
-        if st.vocab_major:
-            w = plgpu.load(
-                w_ref.at[pl.ds(v0, bv), pl.ds(d0, bd)], mask=vocab_ok_r & d_ok_c, other=0.0
-            )
-            dims = _NT
-        else:
-            d_ok_r = cm.row_ids((bd, 1), d0) < st.hidden
-            w = plgpu.load(
-                w_ref.at[pl.ds(d0, bd), pl.ds(v0, bv)], mask=d_ok_r & vocab_ok_c, other=0.0
-            )
-            dims = _NN
-        return z + jax.lax.dot_general(h, w.astype(cdt), dims, preferred_element_type=jnp.float32)
-
-    z = jax.lax.fori_loop(0, cm.cdiv(st.hidden, bd), body, jnp.zeros((br, bv), jnp.float32))
-    if b_ref is not None:
-        b = plgpu.load(b_ref.at[pl.ds(0, 1), pl.ds(v0, bv)], mask=vocab_ok_c, other=0.0)
-        z = z + b.astype(jnp.float32)
-    return _cap(z, st)
-
-
-def _gpu_rows(lab_ref, r0, br, st: _Options, *more_refs):
-    """Row mask and the per-row inputs (labels, then e.g. lse and g) of a row tile."""
-    rows_ok = cm.row_ids((br, 1), r0) < st.n_rows
-    idx = (pl.ds(r0, br), pl.ds(0, 1))
-    labels = plgpu.load(lab_ref.at[idx], mask=rows_ok, other=st.loss.ignore_index)
-    more = [plgpu.load(ref.at[idx], mask=rows_ok, other=0.0) for ref in more_refs]
-    return rows_ok, labels, more
-
-
-def _gpu_accumulate(ref, idx, mask, value, sync: bool):
-    """``ref[idx] += value`` on a window this program owns (no other program writes it)."""
-    plgpu.store(ref.at[idx], plgpu.load(ref.at[idx], mask=mask, other=0.0) + value, mask=mask)
-    if sync:
-        # Make the stores visible to every thread of the program before the next read
-        # (the interpreter runs a program as one sequential computation: no barrier).
-        plgpu.debug_barrier()
-
-
-def _gpu_zero(ref, rows, cols, n_rows, n_cols, br, bc, sync: bool):
-    """Zero a ``rows x cols`` window of a float32 output, in ``(br, bc)`` tiles."""
-    r0, c0, nr, nc = rows[0], cols[0], rows[1], cols[1]
-
-    def row_body(a, carry):
-        rr = r0 + a * br
-        rows_ok = cm.row_ids((br, 1), rr) < n_rows
-
-        def col_body(b, carry):
-            cc = c0 + b * bc
-            mask = rows_ok & (cm.col_ids((1, bc), cc) < n_cols)
-            zeros = jnp.zeros((br, bc), ref.dtype)
-            plgpu.store(ref.at[pl.ds(rr, br), pl.ds(cc, bc)], zeros, mask=mask)
-            return carry
-
-        return jax.lax.fori_loop(0, cm.cdiv(nc, bc), col_body, carry)
-
-    jax.lax.fori_loop(0, cm.cdiv(nr, br), row_body, 0)
-    if sync:
-        plgpu.debug_barrier()
-
-
-def _fwd_kernel_gpu(*refs, st: _Options, br: int, bv: int, bd: int):
-    h_ref, w_ref, b_ref, (lab_ref,), (loss_ref, lse_ref) = _split_refs(refs, st, 1)
-    r0 = pl.program_id(0) * br
-    rows_ok, labels, _ = _gpu_rows(lab_ref, r0, br, st)
-
-    def body(jv, stats):
-        v0 = jv * bv
-        z = _gpu_logits(h_ref, w_ref, b_ref, r0, v0, rows_ok, st, br, bv, bd)
-        cols = cm.col_ids((1, bv), v0)
-        return cm.ce_update(stats, z, labels, cols, cols < st.loss.n_classes, st.loss)
-
-    n_v = cm.cdiv(st.loss.n_classes, bv)
-    stats = jax.lax.fori_loop(0, n_v, body, cm.ce_init(jnp.float32, br))
-    loss, lse = cm.ce_finish(stats, labels, st.loss)
-    idx = (pl.ds(r0, br), pl.ds(0, 1))
-    plgpu.store(loss_ref.at[idx], loss, mask=rows_ok)
-    plgpu.store(lse_ref.at[idx], lse, mask=rows_ok)
-
-
-def _dh_kernel_gpu(*refs, st: _Options, br: int, bv: int, bd: int, sync: bool):
-    h_ref, w_ref, b_ref, (lab_ref, lse_ref, g_ref), (dh_ref,) = _split_refs(refs, st, 3)
-    cdt = jnp.dtype(st.compute_dtype)
-    r0 = pl.program_id(0) * br
-    rows_ok, labels, (lse, g) = _gpu_rows(lab_ref, r0, br, st, lse_ref, g_ref)
-    scale = cm.ce_row_scale(g, labels, st.loss)
-    _gpu_zero(dh_ref, (r0, br), (0, st.hidden), st.n_rows, st.hidden, br, bd, sync)
-
-    def v_body(jv, carry):
-        v0 = jv * bv
-        z = _gpu_logits(h_ref, w_ref, b_ref, r0, v0, rows_ok, st, br, bv, bd)
-        cols = cm.col_ids((1, bv), v0)
-        valid = cols < st.loss.n_classes
-        dz = _tile_grad(z, lse, labels, scale, cols, valid, st).astype(cdt)
-
-        def d_body(k, carry):
-            d0 = k * bd
-            d_ok_c = cm.col_ids((1, bd), d0) < st.hidden
-            if st.vocab_major:
-                mask = (cm.row_ids((bv, 1), v0) < st.loss.n_classes) & d_ok_c
-                w = plgpu.load(w_ref.at[pl.ds(v0, bv), pl.ds(d0, bd)], mask=mask, other=0.0)
-                dims = _NN
-            else:
-                mask = (cm.row_ids((bd, 1), d0) < st.hidden) & valid
-                w = plgpu.load(w_ref.at[pl.ds(d0, bd), pl.ds(v0, bv)], mask=mask, other=0.0)
-                dims = _NT
-            contrib = jax.lax.dot_general(
-                dz, w.astype(cdt), dims, preferred_element_type=jnp.float32
-            )
-            idx = (pl.ds(r0, br), pl.ds(d0, bd))
-            _gpu_accumulate(dh_ref, idx, rows_ok & d_ok_c, contrib, sync)
-            return carry
-
-        return jax.lax.fori_loop(0, cm.cdiv(st.hidden, bd), d_body, carry)
-
-    jax.lax.fori_loop(0, cm.cdiv(st.loss.n_classes, bv), v_body, 0)
-
-
-def _dw_kernel_gpu(*refs, st: _Options, br: int, bv: int, bd: int, sync: bool):
-    h_ref, w_ref, b_ref, (lab_ref, lse_ref, g_ref), rest = _split_refs(refs, st, 3)
-    dw_ref, db_ref = (rest[0], rest[1]) if st.has_bias else (rest[0], None)
-    cdt = jnp.dtype(st.compute_dtype)
-    v0 = pl.program_id(0) * bv
-    cols = cm.col_ids((1, bv), v0)
-    valid = cols < st.loss.n_classes
-    if st.vocab_major:
-        _gpu_zero(dw_ref, (v0, bv), (0, st.hidden), st.loss.n_classes, st.hidden, bv, bd, sync)
-    else:
-        _gpu_zero(dw_ref, (0, st.hidden), (v0, bv), st.hidden, st.loss.n_classes, bd, bv, sync)
-
-    def r_body(ir, db):
-        r0 = ir * br
-        rows_ok, labels, (lse, g) = _gpu_rows(lab_ref, r0, br, st, lse_ref, g_ref)
-        z = _gpu_logits(h_ref, w_ref, b_ref, r0, v0, rows_ok, st, br, bv, bd)
-        scale = cm.ce_row_scale(g, labels, st.loss)
-        dz = _tile_grad(z, lse, labels, scale, cols, valid & rows_ok, st)
-        dz_c = dz.astype(cdt)
-
-        def d_body(k, carry):
-            d0 = k * bd
-            d_ok_c = cm.col_ids((1, bd), d0) < st.hidden
-            h = plgpu.load(
-                h_ref.at[pl.ds(r0, br), pl.ds(d0, bd)], mask=rows_ok & d_ok_c, other=0.0
-            ).astype(cdt)
-            if st.vocab_major:
-                contrib = jax.lax.dot_general(dz_c, h, _TN, preferred_element_type=jnp.float32)
-                idx = (pl.ds(v0, bv), pl.ds(d0, bd))
-                mask = (cm.row_ids((bv, 1), v0) < st.loss.n_classes) & d_ok_c
-            else:
-                contrib = jax.lax.dot_general(h, dz_c, _TN, preferred_element_type=jnp.float32)
-                idx = (pl.ds(d0, bd), pl.ds(v0, bv))
-                mask = (cm.row_ids((bd, 1), d0) < st.hidden) & valid
-            _gpu_accumulate(dw_ref, idx, mask, contrib, sync)
-            return carry
-
-        jax.lax.fori_loop(0, cm.cdiv(st.hidden, bd), d_body, 0)
-        return db + jnp.sum(dz, axis=0, keepdims=True)
-
-    db = jax.lax.fori_loop(0, cm.cdiv(st.n_rows, br), r_body, jnp.zeros((1, bv), jnp.float32))
-    if db_ref is not None:
-        plgpu.store(db_ref.at[pl.ds(0, 1), pl.ds(v0, bv)], db, mask=valid)
 
 
 # ------------------------------------------------------------- pallas_call wrappers
@@ -418,13 +260,6 @@ def _tpu_blocks(st: _Options, itemsize: int, cfg: cm.Config) -> tuple[int, int]:
     br = cm.tpu_block(st.n_rows, cfg.block_rows, br, sub)
     bv = cm.tpu_block(st.loss.n_classes, cfg.block_cols, bv, 128)
     return br, bv
-
-
-def _gpu_blocks(st: _Options, cfg: cm.Config, defaults) -> tuple[int, int, int]:
-    br = cm.gpu_block(st.n_rows, cfg.block_rows, defaults[0], minimum=16)
-    bv = cm.gpu_block(st.loss.n_classes, cfg.block_cols, defaults[1], minimum=16)
-    bd = cm.gpu_block(st.hidden, cfg.block_d, defaults[2], minimum=16)
-    return br, bv, bd
 
 
 def _operands(hidden, weight, bias, st: _Options):
@@ -468,7 +303,7 @@ def _dh_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
     br, bv = _tpu_blocks(st, max(hidden.dtype.itemsize, weight.dtype.itemsize), cfg)
     specs, row_spec = _tpu_specs(st, br, bv, vocab_first=False)
     return pl.pallas_call(
-        functools.partial(_dh_kernel_tpu, st=st, block_cols=bv),
+        functools.partial(_dh_kernel_tpu, st=st, block_rows=br, block_cols=bv),
         grid=(cm.cdiv(st.n_rows, br), cm.cdiv(st.loss.n_classes, bv)),
         in_specs=specs + [row_spec] * 3,
         out_specs=pl.BlockSpec((br, st.hidden), lambda i, j: (i, 0)),
@@ -508,72 +343,19 @@ def _dw_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
     return (out[0], out[1].reshape(-1)) if st.has_bias else (out[0], None)
 
 
-def _gpu_call(kernel, st, cfg, grid, out_shape, interpret, name, *args, accumulates=True):
-    defaults = _GPU_BLOCKS_VOCAB_MAJOR if kernel is _dw_kernel_gpu else _GPU_BLOCKS_ROW_MAJOR
-    br, bv, bd = _gpu_blocks(st, cfg, defaults)
-    extra = dict(sync=not interpret) if accumulates else {}
-    return pl.pallas_call(
-        functools.partial(kernel, st=st, br=br, bv=bv, bd=bd, **extra),
-        grid=grid(br, bv),
-        out_shape=out_shape,
-        # Matmul tiles: 8 warps for a 64x128 tile (about 32 accumulator registers each).
-        compiler_params=cm.gpu_params(br * bv // 2, num_stages=2),
-        interpret=interpret,
-        name=name,
-    )(*args)
+def _bwd_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
+    dh = _dh_tpu(hidden, weight, bias, labels, lse, g, st=st, cfg=cfg, interpret=interpret)
+    dw, db = _dw_tpu(hidden, weight, bias, labels, lse, g, st=st, cfg=cfg, interpret=interpret)
+    return dh, dw, db
 
 
-def _fwd_gpu(hidden, weight, bias, labels, *, st, cfg, interpret):
-    return _gpu_call(
-        _fwd_kernel_gpu,
-        st,
-        cfg,
-        lambda br, bv: (cm.cdiv(st.n_rows, br),),
-        [jax.ShapeDtypeStruct((st.n_rows, 1), jnp.float32)] * 2,
-        interpret,
-        "jsoftmax_linear_cross_entropy_fwd",
-        *_operands(hidden, weight, bias, st),
-        labels,
-        accumulates=False,
-    )
-
-
-def _dh_gpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
-    dh = _gpu_call(
-        _dh_kernel_gpu,
-        st,
-        cfg,
-        lambda br, bv: (cm.cdiv(st.n_rows, br),),
-        jax.ShapeDtypeStruct(hidden.shape, jnp.float32),
-        interpret,
-        "jsoftmax_linear_cross_entropy_dh",
-        *_operands(hidden, weight, bias, st),
-        labels,
-        lse,
-        g,
-    )
-    return dh.astype(hidden.dtype)
-
-
-def _dw_gpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
-    out_shape = [jax.ShapeDtypeStruct(weight.shape, jnp.float32)]
-    if st.has_bias:
-        out_shape.append(jax.ShapeDtypeStruct((1, st.loss.n_classes), jnp.float32))
-    out = _gpu_call(
-        _dw_kernel_gpu,
-        st,
-        cfg,
-        lambda br, bv: (cm.cdiv(st.loss.n_classes, bv),),
-        out_shape,
-        interpret,
-        "jsoftmax_linear_cross_entropy_dw",
-        *_operands(hidden, weight, bias, st),
-        labels,
-        lse,
-        g,
-    )
-    dw = out[0].astype(weight.dtype)
-    return (dw, out[1].reshape(-1).astype(bias.dtype)) if st.has_bias else (dw, None)
+def _fused_tpu(hidden, weight, bias, labels, row_weight, *, st, cfg, interpret):
+    """Per-row loss and the gradient of ``sum_i row_weight_i l_i``: the forward kernel,
+    then the two gradient kernels with ``row_weight`` as the cotangent."""
+    kw = dict(st=st, cfg=cfg, interpret=interpret)
+    loss, lse = _fwd_tpu(hidden, weight, bias, labels, **kw)
+    g = row_weight.reshape(-1, 1).astype(jnp.float32)
+    return (loss, *_bwd_tpu(hidden, weight, bias, labels, lse, g, **kw))
 
 
 def _run(cfg, tpu, gpu, st, *args):
@@ -587,24 +369,49 @@ def _run(cfg, tpu, gpu, st, *args):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _linear_ce_vjp(hidden, weight, bias, labels, st, cfg):
-    return _run(cfg, _fwd_tpu, _fwd_gpu, st, hidden, weight, bias, labels)[0]
+    return _run(cfg, _fwd_tpu, gpu.forward, st, hidden, weight, bias, labels)[0]
 
 
 def _linear_ce_vjp_fwd(hidden, weight, bias, labels, st, cfg):
-    loss, lse = _run(cfg, _fwd_tpu, _fwd_gpu, st, hidden, weight, bias, labels)
-    # One float per row besides the inputs: the logits are recomputed tile by tile.
+    loss, lse = _run(cfg, _fwd_tpu, gpu.forward, st, hidden, weight, bias, labels)
+    # One float per row besides the inputs: the logits are recomputed in the backward.
     return loss, (hidden, weight, bias, labels, lse)
 
 
 def _linear_ce_vjp_bwd(st, cfg, res, g):
     hidden, weight, bias, labels, lse = res
     g = g.astype(jnp.float32)
-    dh = _run(cfg, _dh_tpu, _dh_gpu, st, hidden, weight, bias, labels, lse, g)
-    dw, db = _run(cfg, _dw_tpu, _dw_gpu, st, hidden, weight, bias, labels, lse, g)
+    dh, dw, db = _run(cfg, _bwd_tpu, gpu.backward, st, hidden, weight, bias, labels, lse, g)
     return dh, dw, db, None
 
 
 _linear_ce_vjp.defvjp(_linear_ce_vjp_fwd, _linear_ce_vjp_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _linear_ce_sum_vjp(hidden, weight, bias, labels, row_weight, st, cfg):
+    loss = _run(cfg, _fwd_tpu, gpu.forward, st, hidden, weight, bias, labels)[0]
+    return jnp.sum(loss[:, 0] * row_weight)
+
+
+def _linear_ce_sum_vjp_fwd(hidden, weight, bias, labels, row_weight, st, cfg):
+    # The loss is a scalar, so its gradient is known up to the cotangent's scale now:
+    # compute it while the logits are at hand (no recomputation in the backward).
+    args = (hidden, weight, bias, labels, row_weight)
+    loss, dh, dw, db = _run(cfg, _fused_tpu, gpu.fused, st, *args)
+    return jnp.sum(loss[:, 0] * row_weight), (dh, dw, db, loss[:, 0])
+
+
+def _linear_ce_sum_vjp_bwd(st, cfg, res, g):
+    dh, dw, db, loss = res
+
+    def scaled(x):
+        return None if x is None else (g * x.astype(jnp.float32)).astype(x.dtype)
+
+    return scaled(dh), scaled(dw), scaled(db), None, g * loss
+
+
+_linear_ce_sum_vjp.defvjp(_linear_ce_sum_vjp_fwd, _linear_ce_sum_vjp_bwd)
 
 
 def _check_inputs(hidden, linear_weight, linear_bias, labels, weight_layout):
@@ -623,6 +430,28 @@ def _check_inputs(hidden, linear_weight, linear_bias, labels, weight_layout):
     return hidden, linear_weight, linear_bias, cm.check_labels(labels, n), v
 
 
+def _row_weights(sample_weight, labels, n: int, reduction: str, ignore_index: int):
+    """Per-row weights of the loss: ``sample_weight`` (or 1), divided for ``"mean"`` by
+    their sum over non-ignored rows (PyTorch's weighted mean; 0 when all are ignored)."""
+    if sample_weight is None:
+        if reduction == "none":
+            return None
+        w = jnp.ones((n,), jnp.float32)
+    else:
+        w = jnp.asarray(sample_weight)
+        if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
+            raise TypeError(f"`sample_weight` must be a real array, got dtype {w.dtype}.")
+        if w.shape != (n,):
+            raise ValueError(
+                f"`sample_weight` must have shape ({n},) (one per row), got {w.shape}."
+            )
+        w = w.astype(jnp.float32)
+    if reduction == "mean":
+        den = jnp.sum(jnp.where(labels[:, 0] != ignore_index, w, 0.0))
+        w = jnp.where(den != 0, w / jnp.where(den != 0, den, 1.0), 0.0)
+    return w
+
+
 def linear_cross_entropy(
     hidden: ArrayLike,
     linear_weight: ArrayLike,
@@ -634,18 +463,30 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    reduction: str = "none",
+    filter_eps: float | str | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
     block_d: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Per-row cross-entropy of ``hidden @ linear_weight + linear_bias``, logits never stored.
+    """Cross-entropy of ``hidden @ linear_weight + linear_bias``, logits never stored.
 
     ``z = h W + b`` (``z ← s·tanh(z/s)`` with ``logit_softcap = s``), then per row
-    ``l_i = (1-ε)(lse_i - z_{i,y_i}) + ε(lse_i - mean_c z_{i,c}) + λ lse_i²``. The matmul
-    is fused with an online logsumexp over vocabulary tiles; the backward recomputes the
-    logits tile by tile for ``d_hidden``, ``d_weight`` and ``d_bias``. No ``(N, V)``
-    array is ever written to memory.
+    ``l_i = (1-ε)(lse_i - z_{i,y_i}) + ε(lse_i - mean_c z_{i,c}) + λ lse_i²``, weighted
+    ``w_i l_i`` by ``sample_weight`` and reduced: ``"none"`` (per row), ``"sum"``
+    (``Σ_i w_i l_i``) or ``"mean"`` (``Σ_i w_i l_i / Σ_{i not ignored} w_i``, 0 when every
+    row is ignored). No ``(N, V)`` array is written to memory: on TPU the logits exist
+    tile by tile in VMEM; on GPU chunk by chunk (at most 512 MiB). The scalar reductions
+    compute their gradient in the forward (three matmuls per token); ``"none"``
+    recomputes the logits in the backward (four).
+
+    Gradient filtering (``filter_eps``, Cut Cross-Entropy's): the backward skips every
+    ``(block_rows, block_cols)`` tile of logits whose gradient ``|p - target|`` is below
+    ``filter_eps`` for all its non-ignored rows, unless one of those rows has its label
+    in the tile (a label is never dropped; with label smoothing the target of every class
+    is ``ε/V``, of the label ``1 - ε + ε/V``). The loss itself is always exact.
 
     Args:
       hidden: ``(N, D)`` floating array.
@@ -658,16 +499,25 @@ def linear_cross_entropy(
       label_smoothing: ``ε`` in ``[0, 1]`` (static Python float).
       z_loss: ``λ >= 0`` (static Python float).
       logit_softcap: ``None`` or ``s > 0`` (static Python float).
-      block_rows: rows per tile (``None``: chosen per backend to fit VMEM / registers).
+      sample_weight: optional ``(N,)`` per-row weights (differentiable).
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      filter_eps: ``None`` (exact gradients), a static float ``>= 0``, or ``"auto"``
+        (the compute dtype's epsilon / 32: ``2**-12`` for bfloat16).
+      block_rows: rows per tile (``None``: chosen per backend); on GPU also the row tile
+        of the gradient matmuls and of the filter.
       block_cols: vocabulary entries per tile.
-      block_d: hidden-dimension chunk of the GPU kernels' matmuls (the TPU kernels keep
-        the whole hidden dimension in VMEM and ignore it).
+      block_d: hidden-dimension tile of the GPU's block-sparse gradient matmuls (the TPU
+        kernels keep the whole hidden dimension in VMEM and ignore it).
       interpret: see :func:`jsoftmax.kernels.softmax`.
 
     Returns:
-      ``(N,)`` float32 per-row loss: 0 at ``ignore_index`` rows, NaN at labels outside
-      ``[0, V)``. Gradients come back in the dtypes of ``hidden``, ``linear_weight`` and
-      ``linear_bias``.
+      float32: ``(N,)`` per-row losses for ``"none"`` (0 at ``ignore_index`` rows), else a
+      scalar; NaN where a label is outside ``[0, V)`` (and in the gradient). Gradients
+      come back in the dtypes of ``hidden``, ``linear_weight`` and ``linear_bias``.
+
+    Raises:
+      ValueError: for mismatched shapes, bad options, or GPU tiles beyond Triton's
+        2**20 elements per tensor or the shared memory of the smaller supported GPU.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -675,11 +525,14 @@ def linear_cross_entropy(
       >>> h = jnp.array([[1.0, 0.0]]); w = jnp.array([[0.0, jnp.log(3.0)], [0.0, 0.0]])
       >>> kernels.linear_cross_entropy(h, w, jnp.array([1])).round(4)  # -log(3/4)
       Array([0.2877], dtype=float32)
+      >>> kernels.linear_cross_entropy(h, w, jnp.array([1]), reduction="mean").round(4)
+      Array(0.2877, dtype=float32)
 
     References:
       Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models",
-      https://arxiv.org/abs/2411.09009; Gemma Team 2024, "Gemma 2" (logit soft-capping),
-      https://arxiv.org/abs/2408.00118.
+      https://arxiv.org/abs/2411.09009 (gradient filtering); Hsu et al. 2024, "Liger
+      Kernel" (gradients in the forward of a chunked loss), https://arxiv.org/abs/2410.10989;
+      Gemma Team 2024, "Gemma 2" (logit soft-capping), https://arxiv.org/abs/2408.00118.
     """
     hidden, weight, bias, labels, v = _check_inputs(
         hidden, linear_weight, linear_bias, labels, weight_layout
@@ -688,6 +541,8 @@ def linear_cross_entropy(
     logit_softcap = check.static_number(
         logit_softcap, "logit_softcap", lo=0.0, lo_open=True, optional=True
     )
+    reduction = check.reduction(reduction)
+    compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
     st = _Options(
         loss=cm.LossOptions(v, ignore_index, eps, lam),
         n_rows=hidden.shape[0],
@@ -695,7 +550,18 @@ def linear_cross_entropy(
         vocab_major=weight_layout == "vd",
         softcap=logit_softcap,
         has_bias=bias is not None,
-        compute_dtype=jnp.promote_types(hidden.dtype, weight.dtype).name,
+        compute_dtype=compute_dtype.name,
+        filter_eps=cm.filter_eps_value(filter_eps, compute_dtype),
     )
     cfg = cm.make_config(block_rows, block_cols, block_d, interpret=interpret)
-    return _linear_ce_vjp(hidden, weight, bias, labels, st, cfg).reshape(-1)
+    return _apply(hidden, weight, bias, labels, sample_weight, reduction, st, cfg)
+
+
+def _apply(hidden, weight, bias, labels, sample_weight, reduction, st: _Options, cfg):
+    """The loss for validated inputs (``labels`` as an ``(N, 1)`` int32 column)."""
+    n = st.n_rows
+    row_weight = _row_weights(sample_weight, labels, n, reduction, st.loss.ignore_index)
+    if reduction == "none":
+        loss = _linear_ce_vjp(hidden, weight, bias, labels, st, cfg).reshape(n)
+        return loss if sample_weight is None else loss * row_weight
+    return _linear_ce_sum_vjp(hidden, weight, bias, labels, row_weight, st, cfg)

@@ -84,8 +84,39 @@ def ce_ref(z, y, g, *, ignore_index=-100, eps=0.0, lam=0.0):
     return loss, grad
 
 
-def lce_ref(h, w, b, y, g, *, vd=False, eps=0.0, lam=0.0, cap=None, ignore_index=-100):
-    """Loss and (d_hidden, d_weight, d_bias) of the linear cross-entropy, float64."""
+def filter_tiles_ref(z, y, g, tiles, filter_eps, *, eps=0.0, lam=0.0, ignore_index=-100):
+    """Which ``tiles = (rows, cols)`` tiles of the logits gradient the filter keeps, float64.
+
+    A tile is kept when one of its active rows (cotangent != 0 after ignore/poison) has
+    ``|p (1 + 2λ lse) - target| >= filter_eps`` in it, its label in it, or a bad label.
+    """
+    n, c = z.shape
+    m = z.max(axis=1, keepdims=True)
+    lse = m + np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+    target = np.full((n, c), eps / c)
+    ok = (y >= 0) & (y < c)
+    target[np.arange(n)[ok], y[ok]] += 1 - eps
+    d = np.exp(z - lse) * (1 + 2 * lam * lse) - target
+    scale = np.where(y == ignore_index, 0.0, np.where(ok, g, np.nan))
+    br, bc = tiles
+    keep = np.zeros((-(-n // br), -(-c // bc)), bool)
+    for i in range(keep.shape[0]):
+        rows = slice(i * br, (i + 1) * br)
+        act = scale[rows] != 0
+        for j in range(keep.shape[1]):
+            big = np.abs(d[rows, j * bc : (j + 1) * bc]) >= filter_eps
+            label_here = (y[rows] >= j * bc) & (y[rows] < (j + 1) * bc)
+            keep[i, j] = (act[:, None] & big).any() or (act & label_here).any()
+            keep[i, j] |= bool(np.isnan(scale[rows]).any())
+    return keep
+
+
+def lce_ref(
+    h, w, b, y, g, *, vd=False, eps=0.0, lam=0.0, cap=None, ignore_index=-100, keep=None,
+    tiles=None,
+):  # fmt: skip
+    """Loss and (d_hidden, d_weight, d_bias) of the linear cross-entropy, float64; with
+    ``keep`` (flags of :func:`filter_tiles_ref` for ``tiles``) skipped tiles' gradient is 0."""
     h = np.asarray(h, np.float64)
     w = np.asarray(w, np.float64)
     wdv = w.T if vd else w
@@ -94,6 +125,9 @@ def lce_ref(h, w, b, y, g, *, vd=False, eps=0.0, lam=0.0, cap=None, ignore_index
     loss, dz = ce_ref(z, y, g, ignore_index=ignore_index, eps=eps, lam=lam)
     if cap is not None:
         dz = dz * (1 - (z / cap) ** 2)
+    if keep is not None:
+        mask = np.repeat(np.repeat(keep, tiles[0], 0), tiles[1], 1)[: z.shape[0], : z.shape[1]]
+        dz = np.where(mask, dz, 0.0)
     dw = h.T @ dz
     return loss, (dz @ wdv.T, dw.T if vd else dw, dz.sum(axis=0))
 
@@ -133,21 +167,21 @@ def run_ce(style, *, block_rows=None, block_cols=None, **kw):
     return f
 
 
-def run_lce(style, *, block_rows=None, block_cols=None, block_d=None, **kw):
+def run_lce(style, *, block_rows=None, block_cols=None, block_d=None, chunk_rows=None, **kw):
+    """``f(h, w, b, y, sample_weight=None)`` of one style; ``chunk_rows`` (GPU style only)
+    splits the tokens into several chunks at small shapes."""
     if style == "mosaic":
-        return lambda h, w, b, y: K.linear_cross_entropy(
-            h,
-            w,
-            y,
-            linear_bias=b,
-            block_rows=block_rows,
-            block_cols=block_cols,
-            block_d=block_d,
-            **kw,
-        )
+
+        def f(h, w, b, y, sample_weight=None):
+            return K.linear_cross_entropy(
+                h, w, y, linear_bias=b, sample_weight=sample_weight, block_rows=block_rows,
+                block_cols=block_cols, block_d=block_d, **kw,
+            )  # fmt: skip
+
+        return f
     cfg = cm.make_config(block_rows, block_cols, block_d, interpret=True, backend="gpu")
 
-    def f(h, w, b, y):
+    def f(h, w, b, y, sample_weight=None):
         vd = kw.get("weight_layout", "dv") == "vd"
         st = lce_mod._Options(
             loss=cm.LossOptions(
@@ -162,8 +196,11 @@ def run_lce(style, *, block_rows=None, block_cols=None, block_d=None, **kw):
             softcap=kw.get("logit_softcap"),
             has_bias=b is not None,
             compute_dtype=jnp.promote_types(h.dtype, w.dtype).name,
+            filter_eps=kw.get("filter_eps"),
+            chunk_rows=chunk_rows,
         )
-        return lce_mod._linear_ce_vjp(h, w, b, y.astype(jnp.int32)[:, None], st, cfg)[:, 0]
+        y = y.astype(jnp.int32)[:, None]
+        return lce_mod._apply(h, w, b, y, sample_weight, kw.get("reduction", "none"), st, cfg)
 
     return f
 
@@ -410,7 +447,7 @@ LCE_CASES = [
         (17, 40, 131),
         dict(weight_layout="dv", label_smoothing=0.1, logit_softcap=3.0),
         True,
-        dict(block_rows=16, block_cols=64, block_d=16),
+        dict(block_rows=16, block_cols=64, block_d=16, chunk_rows=16),  # 2 token chunks
     ),
     (
         "triton",
@@ -499,6 +536,117 @@ def test_linear_cross_entropy_matches_cross_entropy_kernel_bf16(rng):
     assert rel_err(dw1.astype(jnp.float32), dw2.astype(jnp.float32)) < 2e-2
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_linear_cross_entropy_mean_with_sample_weight(style, rng):
+    # The scalar reductions compute their gradient in the forward (both styles): check
+    # value and all four gradients (sample_weight included) against float64.
+    n, d, v = 20, 24, 150
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.4, jnp.float32)
+    b = jnp.asarray(rng.normal(size=v), jnp.float32)
+    sw = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    y = rng.integers(0, v, n)
+    y[3] = -100
+    blocks = dict(block_rows=16, block_cols=64, block_d=16, chunk_rows=16)
+    f = run_lce(style, reduction="mean", z_loss=1e-3, **(blocks if style == "triton" else {}))
+    loss, grads = jax.jit(
+        jax.value_and_grad(lambda *a: f(*a[:3], jnp.asarray(y), a[3]), argnums=(0, 1, 2, 3))
+    )(h, w, b, sw)
+    rows, _ = lce_ref(h, w, b, y, np.ones(n), lam=1e-3)
+    den = float(np.sum(np.where(y != -100, sw, 0.0)))
+    np.testing.assert_allclose(float(loss), float(np.sum(rows * sw)) / den, rtol=1e-6)
+    _, ref = lce_ref(h, w, b, y, np.asarray(sw) / den, lam=1e-3)
+    d_sw = rows / den - np.where(y != -100, float(np.sum(rows * sw)) / den**2, 0.0)
+    for got, want in zip(grads, (*ref, d_sw), strict=True):
+        assert rel_err(got, want) < 1e-5
+
+
+def _filter_problem(rng):
+    """Logits with a hot vocabulary tile (columns 0-127) and cold ones, for 16 x 128 tiles.
+
+    Row 20 (row block 1) puts all but ~1e-5 of its mass on its label 300 (tile 2): every
+    entry of tile (1, 2) is below the threshold, so only the never-drop-a-label rule keeps
+    it.
+    Rows 0 and 35 have labels in cold tile 1; row 5 is ignored.
+    """
+    n, d, v = 40, 24, 400
+    h = rng.normal(size=(n, d))
+    w = rng.normal(size=(d, v)) * 0.1
+    h[:, 0] = 0.0
+    h[20, 0] = 1.0
+    w[0, 300] = 27.5  # p(label) ~ 1 - 1e-5: |p - 1| below 1e-4, float32 sees it to ~1 %
+    b = np.where(np.arange(v) < 128, 3.0, -8.0)
+    y = rng.integers(0, 128, n)
+    y[0], y[35], y[20], y[5] = 200, 150, 300, -100
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    return f32(h), f32(w), f32(b), y
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_linear_cross_entropy_gradient_filter(style, rng):
+    h, w, b, y = _filter_problem(rng)
+    n = h.shape[0]
+    g = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    # No smoothing or z-loss here: they would make the label entries' |p - target| large
+    # (and the label rule invisible); their targets are in the gradient tested above.
+    opts = dict(filter_eps=1e-4)
+    blocks = dict(block_rows=16, block_cols=128, block_d=16)
+    if style == "triton":
+        blocks["chunk_rows"] = 16
+    per_row = run_lce(style, **blocks, **opts)
+    mean = run_lce(style, reduction="mean", **blocks, **opts)
+    yj = jnp.asarray(y)
+
+    @jax.jit
+    def run(h, w, b):
+        loss, vjp = jax.vjp(lambda *p: per_row(*p, yj), h, w, b)
+        return loss, vjp(jnp.asarray(g)), jax.grad(lambda *p: mean(*p, yj), (0, 1, 2))(h, w, b)
+
+    loss, grads, mean_grads = run(h, w, b)
+    u = np.asarray(h, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    keep = filter_tiles_ref(u, y, g, (16, 128), 1e-4)
+    # Hot tile 0 kept everywhere; cold tiles 1-3 skipped unless a label is there.
+    expected = np.zeros((3, 4), bool)
+    expected[:, 0] = True
+    expected[0, 1] = expected[2, 1] = expected[1, 2] = True
+    np.testing.assert_array_equal(keep, expected)
+    ref_loss, ref = lce_ref(h, w, b, y, g, keep=keep, tiles=(16, 128))
+    np.testing.assert_allclose(np.asarray(loss), ref_loss, rtol=1e-6, atol=1e-6)  # exact loss
+    for got, want in zip(grads, ref, strict=True):
+        assert rel_err(got, want) < 1e-5
+    # Tile (1, 2) is kept by its label alone: its d_weight columns are row block 1's part.
+    assert rel_err(grads[1][:, 256:384], ref[1][:, 256:384]) < 3e-2
+    assert np.abs(ref[1][:, 256:384]).max() > 0
+    assert not np.asarray(grads[1][:, 384:]).any()  # all-cold tile 3: skipped everywhere
+    den = np.sum(y != -100)
+    _, ref_mean = lce_ref(h, w, b, y, np.ones(n) / den, keep=keep, tiles=(16, 128))
+    for got, want in zip(mean_grads, ref_mean, strict=True):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_filter_keep_rules():
+    # The tile predicate on its own: 2 rows x 4 columns, tile columns [8, 12).
+    eps = 1e-3
+    rule = jax.jit(lambda *a: cm.filter_keep(*a, 8, 4, eps)[0, 0])
+
+    def keep(changes=(), labels=(0, 1), scale=(1.0, 1.0), n_valid=4):
+        d = np.full((2, 4), 1e-5, np.float32)
+        for (i, j), value in changes:
+            d[i, j] = value
+        lab = np.asarray(labels, np.int32)[:, None]
+        sc = np.asarray(scale, np.float32)[:, None]
+        return float(rule(d, lab, sc, np.arange(4)[None] < n_valid))
+
+    assert keep() == 0.0
+    assert keep([((1, 2), -2e-3)]) == 1.0
+    assert keep([((1, 2), np.nan)]) == 1.0  # NaN is never "small"
+    assert keep(labels=(9, 1)) == 1.0  # a label in the tile keeps it, its |d| small or not
+    assert keep(labels=(9, 1), scale=(0.0, 1.0)) == 0.0  # ... unless its row is ignored
+    assert keep([((0, 0), 1.0)], scale=(0.0, 1.0)) == 0.0  # ignored rows do not count
+    assert keep(scale=(np.nan, 1.0)) == 1.0  # a poisoned row keeps every tile
+    assert keep([((0, 3), 1.0)], n_valid=3) == 0.0  # padding columns do not count
+
+
 # ------------------------------------------------------------------------- bad input
 
 
@@ -529,6 +677,35 @@ def test_bad_input_raises_at_trace_time():
         K.linear_cross_entropy(h, jnp.zeros((8, 16)), y, linear_bias=jnp.zeros(15))
     with pytest.raises(ValueError, match="logit_softcap"):
         K.linear_cross_entropy(h, jnp.zeros((8, 16)), y, logit_softcap=0.0)
+
+
+def test_linear_cross_entropy_bad_options_raise():
+    h, w, y = jnp.zeros((4, 8)), jnp.zeros((8, 16)), jnp.zeros(4, jnp.int32)
+    with pytest.raises(ValueError, match="reduction"):
+        K.linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match=r"sample_weight.*\(4,\)"):
+        K.linear_cross_entropy(h, w, y, reduction="sum", sample_weight=jnp.ones(3))
+    with pytest.raises(TypeError, match="filter_eps"):
+        K.linear_cross_entropy(h, w, y, filter_eps=True)
+    with pytest.raises(ValueError, match="filter_eps"):
+        K.linear_cross_entropy(h, w, y, filter_eps=-1e-3)
+    with pytest.raises(ValueError, match="filter_eps"):
+        K.linear_cross_entropy(h, w, y, filter_eps="exact")
+    # GPU tiles the Triton compiler would reject are refused when the GPU kernel is
+    # lowered, before Triton runs; the TPU lowering (same keywords, its own tiles) is fine.
+    S = jax.ShapeDtypeStruct
+    args = S((4096, 512), jnp.bfloat16), S((512, 8192), jnp.bfloat16), S((4096,), jnp.int32)
+
+    def lower(platform, **blocks):
+        f = lambda h, w, y: K.linear_cross_entropy(h, w, y, **blocks)  # noqa: E731
+        return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
+
+    with pytest.raises(ValueError, match=r"Triton's limit of 1048576 \(2\*\*20\)"):
+        lower("cuda", block_rows=1024, block_cols=2048)
+    big = dict(block_rows=256, block_cols=256, block_d=256)
+    with pytest.raises(ValueError, match="shared memory.*166912-byte per-block limit of A100"):
+        lower("cuda", **big)
+    lower("tpu", **big)
 
 
 def test_compiled_mode_is_refused_on_cpu():
