@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jsoftmax import _impl
 from jsoftmax import _numerics as num
 from jsoftmax._checks import label_check
 
@@ -359,14 +360,6 @@ def _pallas_unsupported(axis_name, return_lse, has_class_weight, label_smoothing
     return None
 
 
-def _have_kernel() -> bool:
-    try:
-        from jsoftmax import kernels
-    except ImportError:
-        return False
-    return hasattr(kernels, "linear_cross_entropy")
-
-
 def linear_cross_entropy(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -432,9 +425,11 @@ def linear_cross_entropy(
       chunk_size: vocabulary entries per chunk; ``None`` picks one so that a float32
         ``(tokens, chunk_size)`` tile is about 16 MiB. A ``V`` that is not a multiple
         is fine (the last chunk is smaller).
-      impl: ``"xla"`` (pure JAX), ``"pallas"`` (``jsoftmax.kernels``) or ``"auto"``
-        (``"pallas"`` on TPU when the options allow, else ``"xla"``; on GPU the
-        kernel is opt-in, see the README's kernel notes).
+      impl: ``"xla"`` (pure JAX), ``"pallas"`` (``jsoftmax.kernels``) or ``"auto"``:
+        the kernel only on a platform where it is proven -- compiled for every target
+        in the compile matrix *and* measured faster than XLA on that hardware. No
+        device measurement exists yet, so ``"auto"`` is ``"xla"`` on every platform
+        for now.
       axis_name: mesh axis name (or tuple of names) over which ``weight`` (and
         ``bias``, ``class_weight``) are sharded along the vocabulary, inside
         ``jax.shard_map``; the result is the loss over the whole vocabulary. Labels
@@ -484,11 +479,8 @@ def linear_cross_entropy(
     if impl == "pallas" and why_not is not None:
         raise ValueError(f"impl='pallas' does not support this call: {why_not}.")
     if impl == "auto":
-        # The fused kernel is the TPU path. On GPUs the chunked XLA path keeps cuBLAS
-        # matmuls and the same O(N·chunk) memory; the Triton kernel's bytes/FLOPs
-        # estimate is 2-4x slower there (README, "Pallas kernels"), so it stays opt-in.
-        on_tpu = jax.default_backend() == "tpu"
-        impl = "pallas" if on_tpu and why_not is None and _have_kernel() else "xla"
+        # The kernel only where it is proven (compiled and measured faster): jsoftmax._impl.
+        impl = _impl.resolve_auto("linear_cross_entropy", supported=why_not is None)
     statics = _Statics(
         layout=weight_layout,
         ignore_index=int(ignore_index),
@@ -589,11 +581,19 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
             expected=f"0 <= label < {n_vocab} or label == ignore_index ({ignore_index})",
         )  # fmt: skip
 
-    if impl == "pallas":
-        return _pallas_route(
-            h2, weight, y, bias, class_weight, sw, keep, bad, batch_shape, weight_layout,
-            ignore_index, eps, lam, softcap, reduction, chunk_size, acc,
-        )  # fmt: skip
+    if impl in ("pallas", "auto"):
+
+        def pallas():
+            return _pallas_route(
+                h2, weight, y, bias, class_weight, sw, keep, bad, batch_shape, weight_layout,
+                ignore_index, eps, lam, softcap, reduction, chunk_size, acc,
+            )  # fmt: skip
+
+        if impl == "pallas":
+            return pallas()
+        args = (hidden, weight, labels, bias, class_weight, sample_weight)
+        xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args)
+        return _impl.run_auto("linear_cross_entropy", pallas=pallas, xla=xla)
 
     chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, v_local)
     chunk = min(int(chunk), v_local)
@@ -644,27 +644,7 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
     return loss
 
 
-@jax.custom_vjp
-def _poison_cotangent(x, bad):
-    """Identity whose cotangent is NaN at ``bad`` positions.
-
-    A token with a bad label gets a NaN loss *and* poisons the gradient (as
-    ``cross_entropy`` does). Multiplying by NaN is not enough: its coefficient there is
-    0, and XLA rewrites ``x * convert(mask)`` as a select, which drops ``0 * NaN``.
-    """
-    del bad
-    return x
-
-
-def _poison_fwd(x, bad):
-    return x, bad
-
-
-def _poison_bwd(bad, ct):
-    return jnp.where(bad, jnp.nan, ct), None
-
-
-_poison_cotangent.defvjp(_poison_fwd, _poison_bwd)
+_poison_cotangent = num.poison_cotangent
 
 
 def _reduce(total, base, w_y, reduction):

@@ -243,3 +243,30 @@ def finish_logsumexp(m: jax.Array, s: jax.Array) -> jax.Array:
     """``m + log s`` with an empty row (``s == 0``) giving ``-inf``."""
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     return jnp.where(s > 0, m_safe + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
+
+
+# --------------------------------------------------------------------- bad-label poison
+
+
+@jax.custom_vjp
+def poison_cotangent(x: jax.Array, bad: jax.Array) -> jax.Array:
+    """Identity whose cotangent is NaN at ``bad`` positions.
+
+    A position with a bad label gets a NaN loss *and* poisons the gradient, on every
+    route (XLA or Pallas kernel). Multiplying by NaN is not enough: the coefficient
+    there is often 0 (``where(bad, nan, loss)`` has a zero gradient at ``bad``), and XLA
+    rewrites ``x * convert(mask)`` as a select, which drops ``0 * NaN``.
+    """
+    del bad
+    return x
+
+
+def _poison_fwd(x, bad):
+    return x, bad
+
+
+def _poison_bwd(bad, ct):
+    return jnp.where(bad, jnp.nan, ct), None
+
+
+poison_cotangent.defvjp(_poison_fwd, _poison_bwd)

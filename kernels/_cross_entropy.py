@@ -120,6 +120,14 @@ def _fwd_tpu(logits, labels, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.tpu_row_blocks(n, c, logits.dtype, block_rows, block_cols)
     acc = num.acc_dtype(logits.dtype)
+    row = ((br, 1), acc)
+    cm.check_tpu_vmem(
+        "cross_entropy (forward)",
+        dict(block_rows=br, block_cols=bc),
+        [((br, bc), logits.dtype), ((br, 1), jnp.int32), row, row],
+        [row] * 4,
+        interpret,
+    )
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel_tpu, opts=opts, block_cols=bc),
@@ -137,6 +145,14 @@ def _fwd_tpu(logits, labels, *, opts, block_rows, block_cols, interpret):
 def _bwd_tpu(logits, labels, lse, g, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.tpu_row_blocks(n, c, logits.dtype, block_rows, block_cols)
+    row = ((br, 1), lse.dtype)
+    cm.check_tpu_vmem(
+        "cross_entropy (backward)",
+        dict(block_rows=br, block_cols=bc),
+        [((br, bc), logits.dtype), ((br, 1), jnp.int32), row, row, ((br, bc), logits.dtype)],
+        [],
+        interpret,
+    )
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     tile_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
     return pl.pallas_call(
@@ -154,6 +170,7 @@ def _bwd_tpu(logits, labels, lse, g, *, opts, block_rows, block_cols, interpret)
 def _fwd_gpu(logits, labels, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.gpu_row_blocks(n, c, block_rows, block_cols)
+    cm.check_triton("cross_entropy", dict(block_rows=br, block_cols=bc), [(br, bc)], interpret)
     acc = num.acc_dtype(logits.dtype)
     return pl.pallas_call(
         functools.partial(
@@ -170,6 +187,7 @@ def _fwd_gpu(logits, labels, *, opts, block_rows, block_cols, interpret):
 def _bwd_gpu(logits, labels, lse, g, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.gpu_row_blocks(n, c, block_rows, block_cols)
+    cm.check_triton("cross_entropy", dict(block_rows=br, block_cols=bc), [(br, bc)], interpret)
     return pl.pallas_call(
         functools.partial(_bwd_kernel_gpu, opts=opts, n_rows=n, block_rows=br, block_cols=bc),
         grid=(cm.cdiv(n, br), cm.cdiv(c, bc)),

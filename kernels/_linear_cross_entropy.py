@@ -421,10 +421,43 @@ def _tpu_blocks(st: _Options, itemsize: int, cfg: cm.Config) -> tuple[int, int]:
     return br, bv
 
 
-def _gpu_blocks(st: _Options, cfg: cm.Config, defaults) -> tuple[int, int, int]:
+def _tpu_check(kernel: str, st: _Options, br: int, bv: int, hidden, weight, bias, interpret):
+    """VMEM lower bound of one of the three Mosaic kernels (see ``cm.check_tpu_vmem``)."""
+    d, f32 = st.hidden, jnp.float32
+    w_block = ((bv, d) if st.vocab_major else (d, bv), weight.dtype)
+    ins = [((br, d), hidden.dtype), w_block, ((br, 1), jnp.int32)]
+    if st.has_bias:
+        ins.append(((1, bv), bias.dtype))
+    row = ((br, 1), f32)
+    if kernel == "forward":
+        buffers, scratch = ins + [row, row], [row] * 4
+    elif kernel == "d_hidden":
+        buffers, scratch = ins + [row, row, ((br, d), hidden.dtype)], [((br, d), f32)]
+    else:
+        buffers = ins + [row, row, w_block] + ([((1, bv), bias.dtype)] if st.has_bias else [])
+        scratch = [(w_block[0], f32)] + ([((1, bv), f32)] if st.has_bias else [])
+    blocks = dict(block_rows=br, block_cols=bv, hidden=d)
+    cm.check_tpu_vmem(f"linear_cross_entropy ({kernel})", blocks, buffers, scratch, interpret)
+
+
+def _gpu_blocks(st: _Options, cfg: cm.Config, defaults, interpret: bool = True):
     br = cm.gpu_block(st.n_rows, cfg.block_rows, defaults[0], minimum=16)
     bv = cm.gpu_block(st.loss.n_classes, cfg.block_cols, defaults[1], minimum=16)
     bd = cm.gpu_block(st.hidden, cfg.block_d, defaults[2], minimum=16)
+    # Shared memory: Triton stages both loaded matmul operands (h and W tiles) of the
+    # logits matmul, once per pipeline stage for 16-bit operands. Measured: A100, bf16,
+    # (128, 256, 128) requests exactly 2 * (128*128 + 128*256) * 2 = 196608 bytes; 32-bit
+    # operands were seen to request less than two stages, so only one is counted.
+    itemsize = jnp.dtype(st.compute_dtype).itemsize
+    stages = 2 if itemsize <= 2 else 1
+    smem = stages * (br * bd + bd * bv) * itemsize
+    cm.check_triton(
+        "linear_cross_entropy",
+        dict(block_rows=br, block_cols=bv, block_d=bd),
+        [(br, bv), (br, bd), (bd, bv)],
+        interpret,
+        shared_memory=smem,
+    )
     return br, bv, bd
 
 
@@ -451,6 +484,7 @@ def _tpu_specs(st: _Options, br: int, bv: int, vocab_first: bool):
 
 def _fwd_tpu(hidden, weight, bias, labels, *, st, cfg, interpret):
     br, bv = _tpu_blocks(st, max(hidden.dtype.itemsize, weight.dtype.itemsize), cfg)
+    _tpu_check("forward", st, br, bv, hidden, weight, bias, interpret)
     specs, row_spec = _tpu_specs(st, br, bv, vocab_first=False)
     return pl.pallas_call(
         functools.partial(_fwd_kernel_tpu, st=st, block_cols=bv),
@@ -467,6 +501,7 @@ def _fwd_tpu(hidden, weight, bias, labels, *, st, cfg, interpret):
 
 def _dh_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
     br, bv = _tpu_blocks(st, max(hidden.dtype.itemsize, weight.dtype.itemsize), cfg)
+    _tpu_check("d_hidden", st, br, bv, hidden, weight, bias, interpret)
     specs, row_spec = _tpu_specs(st, br, bv, vocab_first=False)
     return pl.pallas_call(
         functools.partial(_dh_kernel_tpu, st=st, block_cols=bv),
@@ -483,6 +518,7 @@ def _dh_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
 
 def _dw_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
     br, bv = _tpu_blocks(st, max(hidden.dtype.itemsize, weight.dtype.itemsize), cfg)
+    _tpu_check("d_weight", st, br, bv, hidden, weight, bias, interpret)
     specs, row_spec = _tpu_specs(st, br, bv, vocab_first=True)
     if st.vocab_major:
         dw_spec = pl.BlockSpec((bv, st.hidden), lambda j, i: (j, 0))
@@ -511,7 +547,7 @@ def _dw_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
 
 def _gpu_call(kernel, st, cfg, grid, out_shape, interpret, name, *args, accumulates=True):
     defaults = _GPU_BLOCKS_VOCAB_MAJOR if kernel is _dw_kernel_gpu else _GPU_BLOCKS_ROW_MAJOR
-    br, bv, bd = _gpu_blocks(st, cfg, defaults)
+    br, bv, bd = _gpu_blocks(st, cfg, defaults, interpret)
     extra = dict(sync=not interpret) if accumulates else {}
     return pl.pallas_call(
         functools.partial(kernel, st=st, br=br, bv=bv, bd=bd, **extra),

@@ -202,6 +202,13 @@ def _tpu_call(kernel, inputs, out_dtype, n_scratch, *, block_rows, block_cols, i
     n_col_blocks = cm.cdiv(c, bc)
     phases = 1 if n_col_blocks == 1 else 2
     acc = num.acc_dtype(inputs[0].dtype)
+    cm.check_tpu_vmem(
+        "softmax",
+        dict(block_rows=br, block_cols=bc),
+        [((br, bc), x.dtype) for x in inputs] + [((br, bc), out_dtype)],
+        [((br, 1), acc)] * n_scratch,
+        interpret,
+    )
     return pl.pallas_call(
         functools.partial(kernel, n_cols=c, block_cols=bc),
         grid=(cm.cdiv(n, br), phases, n_col_blocks),
@@ -218,6 +225,7 @@ def _tpu_call(kernel, inputs, out_dtype, n_scratch, *, block_rows, block_cols, i
 def _gpu_call(kernel, inputs, out_dtype, *, block_rows, block_cols, interpret):
     n, c = inputs[0].shape
     br, bc = cm.gpu_row_blocks(n, c, block_rows, block_cols)
+    cm.check_triton("softmax", dict(block_rows=br, block_cols=bc), [(br, bc)], interpret)
     return pl.pallas_call(
         functools.partial(
             kernel,
