@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--no-lowering", action="store_true", help="skip the (slower) lowering check"
     )
+    doctor.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the compile matrix (real GPU/TPU compilers; needs the [aot] extra)",
+    )
     return parser
 
 

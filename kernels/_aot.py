@@ -16,17 +16,19 @@ compile table).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
 import importlib.util
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._cross_entropy import cross_entropy
 from ._linear_cross_entropy import linear_cross_entropy
@@ -59,7 +61,9 @@ TARGETS: tuple[Target, ...] = (
     Target("H100", "cuda", "h100_sxm.txtpb", 80 * GB, "NVIDIA H100 datasheet: 80 GB (SXM)"),
     Target("A100", "cuda", "a100_sxm4_80gb.txtpb", 80 * GB, "NVIDIA A100 datasheet: 80 GB SXM"),
     # TPU HBM per chip: Google Cloud TPU system architecture pages (v4, v5e, v5p, v6e).
-    Target("TPU v4", "tpu", "v4:2x2x1", 32 * GIB, "Cloud TPU v4: 32 GiB HBM2 per chip"),
+    # v4 has 32 GiB per chip for its two TensorCores; the deviceless v4 topology compiles
+    # for one TensorCore (no megacore), which gets half ("available HBM (15.25G)").
+    Target("TPU v4", "tpu", "v4:2x2x1", 16 * GIB, "Cloud TPU v4: 32 GiB per 2-core chip"),
     Target("TPU v5e", "tpu", "v5e:2x2", 16 * GIB, "Cloud TPU v5e: 16 GiB HBM2 per chip"),
     Target("TPU v5p", "tpu", "v5p:2x2x1", 95 * GIB, "Cloud TPU v5p: 95 GiB HBM2e per chip"),
     Target("TPU v6e", "tpu", "v6e:2x2", 32 * GIB, "Cloud TPU v6e: 32 GiB HBM per chip"),
@@ -96,6 +100,36 @@ def target_config(target: Target) -> str:
     return (importlib.resources.files(__package__) / "targets" / target.spec).read_text()
 
 
+def _register_cuda_compiler() -> None:
+    """Make the CUDA plugin's compiler available on a host without a GPU driver.
+
+    Unless ``JAX_PLATFORMS`` excludes CUDA, the plugin checks the CUDA runtime version
+    when JAX starts; without a driver that check fails and the plugin registers nothing
+    (JAX runs on CPU). Deviceless compilation needs no runtime, so register the plugin
+    again with the check skipped. (JAX's plugin registry is private API: if it changes,
+    ``get_topology_desc`` reports "topology not implemented for cuda" and ``JAX_PLATFORMS=cpu``
+    is the workaround.)
+    """
+    from jax._src import xla_bridge
+
+    if "cuda" in getattr(xla_bridge, "_topology_factories", {"cuda": None}):
+        return
+    import jax_plugins.xla_cuda12 as plugin
+
+    key = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"
+    saved = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        plugin.initialize()
+    except Exception:  # noqa: BLE001 -- get_topology_desc then says what is missing
+        pass
+    finally:
+        if saved is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = saved
+
+
 @functools.cache
 def device(target: Target) -> Any:
     """A (deviceless) device of ``target``: compiling for it runs the real compiler."""
@@ -104,6 +138,8 @@ def device(target: Target) -> Any:
     if target.platform == "tpu":
         topo = topologies.get_topology_desc(topology_name=target.spec, platform="tpu")
     else:
+        jax.devices()  # plugins are discovered with the first backend
+        _register_cuda_compiler()
         topo = topologies.get_topology_desc(
             topology_name="cuda",
             platform="cuda",
@@ -288,15 +324,61 @@ class Result:
     output: int = 0
     alias: int = 0
     n_kernels: int = 0
+    io: int = 0
+    memory: int = 0
 
     @property
     def peak(self) -> int:
         return self.argument + self.output + self.temp - self.alias
 
+    @property
+    def too_big(self) -> bool:
+        """The arguments and outputs alone fill the device memory: no program can fit."""
+        return self.io >= self.memory
+
+    @property
+    def status(self) -> str:
+        """``ok``; ``exceeds HBM`` (a shape the device cannot hold, refused by its
+        compiler); ``FAIL`` otherwise (a kernel that does not compile, or does not fit)."""
+        if self.too_big and not self.ok and "HBM" in (self.error or ""):
+            return "exceeds HBM"
+        if self.ok and not self.too_big and self.peak <= self.memory:
+            return "ok"
+        return "FAIL"
+
+
+_KEY_PHRASES = (
+    "Maximum allowed number of elements",
+    "Shared memory size limit exceeded",
+    "Scoped allocation with size",
+    "Ran out of memory",
+    "exceeds available HBM",
+)
+
 
 def first_line(e: BaseException) -> str:
+    """``Type: first line`` of an error; a bare heading ("Verification failed:") gets the
+    sentence that names the limit appended."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+    head = lines[0] if lines else ""
+    if head.endswith(":") and len(lines) > 1:
+        rest = " ".join(lines[1:])
+        detail = lines[1]
+        for phrase in _KEY_PHRASES:
+            i = rest.find(phrase)
+            if i >= 0:
+                detail = rest[i:].split(". ")[0]
+                break
+        head = f"{head} {detail}"
+    return f"{type(e).__name__}: {head}"[:300]
+
+
+def io_bytes(case: Case) -> int:
+    """Bytes of the program's arguments and outputs: what no compiler can avoid."""
+    args = [None if a is None else jax.ShapeDtypeStruct(*a) for a in case.args]
+    outs = jax.eval_shape(case.fn, *args)
+    leaves = [a for a in args if a is not None] + jax.tree.leaves(outs)
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
 
 def compile_case(case: Case, target: Target) -> Any:
@@ -307,16 +389,18 @@ def compile_case(case: Case, target: Target) -> Any:
 
 def run_case(case: Case, target: Target) -> Result:
     """Compile ``case`` for ``target`` and record the compiler's memory numbers (or error)."""
+    sizes = dict(io=io_bytes(case), memory=target.memory)
     try:
         compiled = compile_case(case, target)
     except Exception as e:  # noqa: BLE001 -- the result records the error
-        return Result(target.name, case.name, case.kernel, ok=False, error=first_line(e))
+        return Result(target.name, case.name, case.kernel, False, first_line(e), **sizes)
     mem = compiled.memory_analysis()
     return Result(
         target.name,
         case.name,
         case.kernel,
         ok=True,
+        **sizes,
         temp=int(mem.temp_size_in_bytes),
         argument=int(mem.argument_size_in_bytes),
         output=int(mem.output_size_in_bytes),
@@ -352,7 +436,7 @@ def markdown_table(results: Sequence[Result]) -> str:
         cells = []
         for t in targets:
             r = by.get((case, t))
-            cells.append("-" if r is None else mib(r.temp) if r.ok else "FAIL")
+            cells.append("-" if r is None else mib(r.temp) if r.ok else r.status)
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -365,11 +449,14 @@ def status_table(results: Sequence[Result]) -> str:
     errors = []
     for r in results:
         key = (r.kernel, r.target)
-        if r.ok and r.n_kernels > 0:
+        if r.status == "ok" and r.n_kernels > 0:
             cell.setdefault(key, "ok")
-        else:
+        elif r.status != "exceeds HBM":
             cell[key] = "FAIL"
-            why = r.error if not r.ok else "compiled without a Pallas kernel"
+            why = r.error or (
+                "compiled without a Pallas kernel" if r.ok and not r.n_kernels
+                else f"needs {r.peak / GIB:.1f} GiB of {r.memory / GIB:.0f} GiB"
+            )  # fmt: skip
             errors.append(f"{r.case} on {r.target}: {why}")
     head = ["kernel", *targets]
     body = [[k, *(cell.get((k, t), "-") for t in targets)] for k in kernels]
@@ -379,3 +466,75 @@ def status_table(results: Sequence[Result]) -> str:
     if errors:
         out += ["", "errors:", *(f"  {e}" for e in errors)]
     return "\n".join(out)
+
+
+# ------------------------------------------------------- refused block configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A block override the kernels refuse (``ValueError`` matching ``ours``) and that the
+    real compiler of ``target`` rejects too (an error containing ``compiler``)."""
+
+    target: str
+    case: Case
+    ours: str
+    compiler: str
+
+
+def refusal_cases() -> list[Refusal]:
+    """One override per checked limit, on the most restrictive target it is checked for."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    return [
+        # 16 x 131072 = 2^21 elements in one Triton tensor.
+        Refusal(
+            "H100",
+            softmax_case(64, 262144, f32, block_rows=16, block_cols=131072),
+            "at most 1048576",
+            "Maximum allowed number of elements is 1048576",
+        ),
+        # 2 stages x (128*128 + 128*256) bf16 = 196608 bytes > 166912 (A100 opt-in).
+        Refusal(
+            "A100",
+            linear_cross_entropy_case(
+                512, 1024, 4096, bf16, block_rows=128, block_cols=256, block_d=128
+            ),
+            "shared memory",
+            "Shared memory size limit exceeded: requested 196608, available: 166912",
+        ),
+        # (128, 8192) float32 in and out, double-buffered, + scratch = 16.12 MiB > 16 MiB.
+        Refusal(
+            "TPU v5e",
+            softmax_case(1024, 65536, f32, block_rows=128, block_cols=8192),
+            "scoped VMEM limit",
+            "Scoped allocation with size 16.12M and limit 16.00M",
+        ),
+        # A (1024, 4096) bf16 hidden block double-buffered is 16 MiB by itself.
+        Refusal(
+            "TPU v4",
+            linear_cross_entropy_case(2048, 4096, 4096, bf16, block_rows=1024, block_cols=256),
+            "scoped VMEM limit",
+            "Ran out of memory in memory space vmem",
+        ),
+    ]
+
+
+@contextlib.contextmanager
+def unchecked(*styles: str) -> Iterator[None]:
+    """Switch the kernels' limit checks off for ``styles`` (``"tpu"``, ``"gpu"``; default
+    both), e.g. to show the compiler rejects the same blocks, or to isolate one backend's
+    rule (on a CPU host both backends' kernels are traced and checked).
+
+    Traces made inside are dropped on exit (``jax.clear_caches``): a cached unchecked
+    trace must not outlive the context.
+    """
+    from . import _common
+
+    styles = styles or ("tpu", "gpu")
+    saved = _common.limits
+    _common.limits = lambda style: None if style in styles else saved(style)
+    try:
+        yield
+    finally:
+        _common.limits = saved
+        jax.clear_caches()

@@ -284,6 +284,10 @@ def cross_entropy(
       block_cols: columns per tile; see :func:`jsoftmax.kernels.softmax`.
       interpret: see :func:`jsoftmax.kernels.softmax`.
 
+    Block overrides that a device compiler would reject raise ``ValueError`` before it
+    runs; see :func:`jsoftmax.kernels.softmax` for the limits and how the target is
+    chosen.
+
     Returns:
       ``(rows,)`` float32 per-row loss (float64 for float64 logits): 0 where
       ``labels == ignore_index``, NaN where a label is outside ``[0, classes)`` (its

@@ -719,6 +719,14 @@ def linear_cross_entropy(
         the whole hidden dimension in VMEM and ignore it).
       interpret: see :func:`jsoftmax.kernels.softmax`.
 
+    Block overrides that a device compiler would reject raise ``ValueError`` before it
+    runs (see :func:`jsoftmax.kernels.softmax` for how the target is chosen): on GPU a
+    tile above 2^20 elements, or pipelined matmul tiles above the shared memory per block
+    (two stages of ``(block_rows·block_d + block_d·block_cols)·itemsize`` bytes for
+    16-bit operands, one for 32-bit; 166912 bytes on A100, 232448 on H100); on TPU
+    blocks (the whole hidden dimension per block) whose double buffers and accumulators
+    exceed the scoped VMEM.
+
     Returns:
       ``(N,)`` float32 per-row loss: 0 at ``ignore_index`` rows, NaN at labels outside
       ``[0, V)``. Gradients come back in the dtypes of ``hidden``, ``weight``, ``bias``.

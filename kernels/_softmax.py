@@ -340,6 +340,17 @@ def softmax(
       interpret: ``None``: compiled on GPU/TPU, Pallas interpreter on CPU (chosen at
         lowering time per platform). ``True``: always the interpreter.
 
+    Block sizes: the defaults compile for every target of the compile matrix (H100,
+    A100, TPU v4/v5e/v5p/v6e). An override the device compiler would reject raises
+    ``ValueError`` naming the limit, before the compiler runs: a Triton tile above 2^20
+    elements; TPU blocks whose double buffers and scratch alone exceed the scoped VMEM
+    (16 MiB on v4/v5e/v5p, 32 MiB on v6e; the compiler's temporaries come on top, so it
+    may still refuse blocks close to the limit). Alignment is never an error: sizes are
+    rounded up as described above. The generation is not known at trace time on every
+    path, so the check uses the device's limits when running on a TPU/GPU, and the most
+    restrictive supported target of each backend on a host without one (the program may
+    be lowered for any); the other accelerator's kernel is not checked on a GPU/TPU host.
+
     Returns:
       The probabilities, same shape and dtype as ``x`` (float32 accumulation).
 
