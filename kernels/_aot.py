@@ -208,9 +208,18 @@ def cross_entropy_case(n: int, c: int, dtype: Any, **options: Any) -> Case:
 
 
 def linear_cross_entropy_case(
-    n: int, d: int, v: int, dtype: Any, *, layout: str = "dv", bias: bool = False, **options: Any
+    n: int,
+    d: int,
+    v: int,
+    dtype: Any,
+    *,
+    layout: str = "dv",
+    bias: bool = False,
+    grad: bool = True,
+    **options: Any,
 ) -> Case:
-    """``value_and_grad`` of the mean loss w.r.t. hidden, weight (and bias)."""
+    """``value_and_grad`` of the mean loss w.r.t. hidden, weight (and bias); with
+    ``grad=False`` the forward kernel alone."""
     argnums = (0, 1, 2) if bias else (0, 1)
 
     def run(h, w, b, y):
@@ -218,14 +227,16 @@ def linear_cross_entropy_case(
             out = linear_cross_entropy(h, w, y, bias=b, weight_layout=layout, **options)
             return out.mean()
 
-        return jax.value_and_grad(loss, argnums=argnums)(h, w, b)
+        return jax.value_and_grad(loss, argnums=argnums)(h, w, b) if grad else loss(h, w, b)
 
     w_shape = (d, v) if layout == "dv" else (v, d)
     b_arg = ((v,), jnp.float32) if bias else None
     extra = ", bias" if bias else ""
     label = f"N={n} D={d} V={v} {_dt(dtype)} {layout}{extra}" + _blocks_label(options)
     args = (((n, d), dtype), (w_shape, dtype), b_arg, ((n,), jnp.int32))
-    return Case("linear_cross_entropy", label, run, args, 3)
+    if not grad:
+        label += " (forward)"
+    return Case("linear_cross_entropy", label, run, args, 3 if grad else 1)
 
 
 def _blocks_label(options: dict[str, Any]) -> str:
@@ -509,10 +520,12 @@ def refusal_cases() -> list[Refusal]:
             "scoped VMEM limit",
             "Scoped allocation with size 16.12M and limit 16.00M",
         ),
-        # A (1024, 4096) bf16 hidden block double-buffered is 16 MiB by itself.
+        # A (512, 8192) bf16 hidden block double-buffered is 16 MiB by itself.
         Refusal(
             "TPU v4",
-            linear_cross_entropy_case(2048, 4096, 4096, bf16, block_rows=1024, block_cols=256),
+            linear_cross_entropy_case(
+                1024, 8192, 512, bf16, grad=False, block_rows=512, block_cols=128
+            ),
             "scoped VMEM limit",
             "Ran out of memory in memory space vmem",
         ),

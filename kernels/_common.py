@@ -319,22 +319,26 @@ def _describe(blocks: dict[str, int]) -> str:
 def check_tpu_vmem(
     kernel: str,
     blocks: dict[str, int],
-    buffers: list[tuple[tuple[int, ...], Any]],
+    buffers: list[tuple[tuple[int, ...], Any, tuple[int, ...]]],
     scratch: list[tuple[tuple[int, ...], Any]],
     interpret: bool,
 ) -> None:
     """Refuse blocks whose VMEM *lower bound* exceeds the scoped VMEM limit.
 
     The bound counts what Mosaic must allocate before any temporary: every pipelined
-    block (``buffers``: inputs and outputs) twice (double buffering) plus the scratch,
-    each padded to the vector tile. The compiler's temporaries (about one float32 tile)
-    come on top, so a configuration under the bound may still be refused by the
-    compiler; one over it never compiles.
+    block (``buffers``: ``(block shape, dtype, array shape)`` of inputs and outputs)
+    twice (double buffering) -- once when the block is the whole array (its index never
+    changes: measured, such a block is not double-buffered) -- plus the scratch, each
+    padded to the vector tile. The compiler's temporaries (about one float32 tile) come
+    on top, so a configuration under the bound may still be refused by the compiler; one
+    over it never compiles.
     """
     lim = None if interpret else limits("tpu")
     if lim is None:
         return
-    need = 2 * sum(_padded_bytes(s, d) for s, d in buffers)
+    need = sum(
+        (1 if tuple(s) == tuple(full) else 2) * _padded_bytes(s, d) for s, d, full in buffers
+    )
     need += sum(_padded_bytes(s, d) for s, d in scratch)
     if need > lim.vmem:
         raise ValueError(

@@ -120,12 +120,12 @@ def _fwd_tpu(logits, labels, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.tpu_row_blocks(n, c, logits.dtype, block_rows, block_cols)
     acc = num.acc_dtype(logits.dtype)
-    row = ((br, 1), acc)
+    row, tile = ((br, 1), acc, (n, 1)), ((br, bc), logits.dtype, (n, c))
     cm.check_tpu_vmem(
         "cross_entropy (forward)",
         dict(block_rows=br, block_cols=bc),
-        [((br, bc), logits.dtype), ((br, 1), jnp.int32), row, row],
-        [row] * 4,
+        [tile, ((br, 1), jnp.int32, (n, 1)), row, row],
+        [row[:2]] * 4,
         interpret,
     )
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
@@ -145,11 +145,11 @@ def _fwd_tpu(logits, labels, *, opts, block_rows, block_cols, interpret):
 def _bwd_tpu(logits, labels, lse, g, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.tpu_row_blocks(n, c, logits.dtype, block_rows, block_cols)
-    row = ((br, 1), lse.dtype)
+    row, tile = ((br, 1), lse.dtype, (n, 1)), ((br, bc), logits.dtype, (n, c))
     cm.check_tpu_vmem(
         "cross_entropy (backward)",
         dict(block_rows=br, block_cols=bc),
-        [((br, bc), logits.dtype), ((br, 1), jnp.int32), row, row, ((br, bc), logits.dtype)],
+        [tile, ((br, 1), jnp.int32, (n, 1)), row, row, tile],
         [],
         interpret,
     )

@@ -423,18 +423,19 @@ def _tpu_blocks(st: _Options, itemsize: int, cfg: cm.Config) -> tuple[int, int]:
 
 def _tpu_check(kernel: str, st: _Options, br: int, bv: int, hidden, weight, bias, interpret):
     """VMEM lower bound of one of the three Mosaic kernels (see ``cm.check_tpu_vmem``)."""
-    d, f32 = st.hidden, jnp.float32
-    w_block = ((bv, d) if st.vocab_major else (d, bv), weight.dtype)
-    ins = [((br, d), hidden.dtype), w_block, ((br, 1), jnp.int32)]
-    if st.has_bias:
-        ins.append(((1, bv), bias.dtype))
-    row = ((br, 1), f32)
+    n, d, v, f32 = st.n_rows, st.hidden, st.loss.n_classes, jnp.float32
+    w_block = ((bv, d), weight.dtype, (v, d)) if st.vocab_major else ((d, bv), weight.dtype, (d, v))
+    b_block = ((1, bv), None if bias is None else bias.dtype, (1, v))
+    row = ((br, 1), f32, (n, 1))
+    ins = [((br, d), hidden.dtype, (n, d)), w_block, ((br, 1), jnp.int32, (n, 1))]
+    ins += [b_block] if st.has_bias else []
     if kernel == "forward":
-        buffers, scratch = ins + [row, row], [row] * 4
+        buffers, scratch = ins + [row, row], [row[:2]] * 4
     elif kernel == "d_hidden":
-        buffers, scratch = ins + [row, row, ((br, d), hidden.dtype)], [((br, d), f32)]
+        buffers = ins + [row, row, ((br, d), hidden.dtype, (n, d))]
+        scratch = [((br, d), f32)]
     else:
-        buffers = ins + [row, row, w_block] + ([((1, bv), bias.dtype)] if st.has_bias else [])
+        buffers = ins + [row, row, w_block] + ([b_block] if st.has_bias else [])
         scratch = [(w_block[0], f32)] + ([((1, bv), f32)] if st.has_bias else [])
     blocks = dict(block_rows=br, block_cols=bv, hidden=d)
     cm.check_tpu_vmem(f"linear_cross_entropy ({kernel})", blocks, buffers, scratch, interpret)

@@ -205,7 +205,7 @@ def _tpu_call(kernel, inputs, out_dtype, n_scratch, *, block_rows, block_cols, i
     cm.check_tpu_vmem(
         "softmax",
         dict(block_rows=br, block_cols=bc),
-        [((br, bc), x.dtype) for x in inputs] + [((br, bc), out_dtype)],
+        [((br, bc), x.dtype, (n, c)) for x in inputs] + [((br, bc), out_dtype, (n, c))],
         [((br, 1), acc)] * n_scratch,
         interpret,
     )
