@@ -136,6 +136,11 @@ def device(target: Target) -> Any:
     from jax.experimental import topologies
 
     if target.platform == "tpu":
+        # libtpu takes a machine-wide lock unless told otherwise; a second process
+        # compiling (pytest and a subprocess, two scripts) would get "ABORTED: Internal
+        # error when accessing libtpu multi-process lockfile". Deviceless compilation
+        # drives no TPU, so sharing is safe.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         topo = topologies.get_topology_desc(topology_name=target.spec, platform="tpu")
     else:
         jax.devices()  # plugins are discovered with the first backend
