@@ -186,6 +186,20 @@ def softmax_bench(n: int, c: int, dtype: Any, *, log: bool = False) -> Bench:
     return Bench(name, f"({n}, {c}) {jnp.dtype(dtype).name}", make, progs)
 
 
+def softmax_forward_bench(n: int, c: int, dtype: Any) -> Bench:
+    """Softmax forward; ``naive`` is an elementwise pass (one read, one write: the same
+    bytes as a copy, the floor for any softmax), so ``pallas/naive`` is the inverse of the
+    fraction of copy bandwidth reached (PERF.md asks >= 70 %)."""
+    import jsoftmax as jsm
+    from jsoftmax import kernels
+
+    def make():
+        return ((3 * jax.random.normal(jax.random.key(0), (n, c), jnp.float32)).astype(dtype),)
+
+    progs = dict(pallas=kernels.softmax, xla=jsm.softmax, naive=lambda x: -x)
+    return Bench("softmax fwd (naive = copy)", f"({n}, {c}) {jnp.dtype(dtype).name}", make, progs)
+
+
 def cross_entropy_bench(n: int, c: int, dtype: Any, **options: Any) -> Bench:
     import optax
 

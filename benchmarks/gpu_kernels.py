@@ -38,6 +38,7 @@ def benches(size: str, cpu: bool) -> list[kb.Bench]:
     f32, bf16 = jnp.float32, jnp.bfloat16
     if size == "tiny":
         return [
+            kb.softmax_forward_bench(64, 1000, f32),
             kb.softmax_bench(64, 1000, f32),
             kb.cross_entropy_bench(64, 1000, f32),
             kb.linear_cross_entropy_bench(64, 64, 1000, f32),
@@ -50,6 +51,7 @@ def benches(size: str, cpu: bool) -> list[kb.Bench]:
         ]
     return [
         kb.softmax_bench(16384, 4096, f32),  # one pass: a row is one register tile
+        kb.softmax_forward_bench(4096, 32768, f32),
         kb.softmax_bench(4096, 32768, f32),  # PERF.md's shape: two passes per row
         kb.softmax_bench(1024, 262144, bf16, log=True),  # 256k vocabulary
         kb.cross_entropy_bench(4096, 32768, f32),
