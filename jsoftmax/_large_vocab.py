@@ -36,12 +36,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _impl
 from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 from jsoftmax._checks import label_check
 
 _LAYOUTS = ("dv", "vd")
@@ -297,37 +297,6 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 # ------------------------------------------------------------------- public function
 
 
-def _check_scalar(value, name, *, low, high=None, none_ok=False):
-    if value is None and none_ok:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"`{name}` must be a Python number, got {type(value).__name__}.")
-    value = float(value)
-    ok = value > low if none_ok else value >= low
-    if not ok or (high is not None and value > high) or not math.isfinite(value):
-        bound = (
-            f"> {low}" if none_ok else f"in [{low}, {high}]" if high is not None else f">= {low}"
-        )
-        raise ValueError(f"`{name}` must be {bound}, got {value}.")
-    return value
-
-
-def _per_vocab(arr, name, lengths):
-    if arr is None:
-        return None
-    arr = num.as_float(arr, name)
-    if arr.ndim != 1 or arr.shape[0] not in lengths:
-        expected = " or ".join(f"({n},)" for n in sorted(set(lengths)))
-        raise ValueError(
-            f"`{name}` has shape {arr.shape}; expected {expected} for a weight of "
-            "vocabulary size (per shard) "
-            f"{lengths[0]}."
-        )
-    return arr
-
-
 def _default_chunk(n_rows: int, v_local: int) -> int:
     """Vocabulary chunk so that one float32 ``(n_rows, chunk)`` tile is ~``_TILE_BYTES``."""
     chunk = _TILE_BYTES // (4 * max(n_rows, 1))
@@ -344,7 +313,7 @@ def _label_weights(cw, y, keep, cfg):
     return lax.psum(w_y, cfg.axis_name)
 
 
-def _pallas_unsupported(axis_name, return_lse, has_class_weight, label_smoothing, dtypes):
+def _pallas_unsupported(axis_name, return_lse, has_weight, label_smoothing, dtypes):
     """Why the Pallas kernel cannot serve this call (``None`` when it can)."""
     if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
         return "float64 inputs (the kernels compute in float32)"
@@ -352,9 +321,9 @@ def _pallas_unsupported(axis_name, return_lse, has_class_weight, label_smoothing
         return "`axis_name` (vocab-parallel) is only implemented by impl='xla'"
     if return_lse:
         return "`return_lse=True` is only implemented by impl='xla'"
-    if has_class_weight and label_smoothing > 0:
+    if has_weight and label_smoothing > 0:
         return (
-            "`class_weight` with `label_smoothing` needs a class-weighted smoothing sum "
+            "`weight` with `label_smoothing` needs a class-weighted smoothing sum "
             "the kernel does not compute"
         )
     return None
@@ -362,18 +331,19 @@ def _pallas_unsupported(axis_name, return_lse, has_class_weight, label_smoothing
 
 def linear_cross_entropy(
     hidden: ArrayLike,
-    weight: ArrayLike,
+    linear_weight: ArrayLike,
     labels: ArrayLike,
     *,
-    bias: ArrayLike | None = None,
+    linear_bias: ArrayLike | None = None,
     weight_layout: str = "dv",
-    class_weight: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
     sample_weight: ArrayLike | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
     chunk_size: int | None = None,
     impl: str = "auto",
     axis_name: Any = None,
@@ -381,8 +351,8 @@ def linear_cross_entropy(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Cross-entropy of a linear layer's logits, without materialising the logits.
 
-    Equal to ``cross_entropy(hidden @ weight + bias, labels, ...)``: with logits
-    ``z = c·tanh((h W + b)/c)`` (``c = logit_softcap``; plain ``h W + b`` without it),
+    Equal to ``cross_entropy(hidden @ linear_weight + linear_bias, labels, ...)``: with
+    logits ``z = c·tanh((h W + b)/c)`` (``c = logit_softcap``; plain ``h W + b`` without it),
     ``lse_i = log Σ_c exp(z_ic)`` and per-class weights ``w``,
 
     .. math::
@@ -390,31 +360,31 @@ def linear_cross_entropy(
               + \frac{ε}{V}\sum_c w_c(\mathrm{lse}_i - z_{ic})
               + λ\,w_{y_i}\mathrm{lse}_i^2
 
-    times ``sample_weight_i`` (``w ≡ 1`` without ``class_weight``; the z-loss is weighted
+    times ``sample_weight_i`` (``w ≡ 1`` without ``weight``; the z-loss is weighted
     like the label term, as in :func:`jsoftmax.cross_entropy`), 0 where
     ``labels == ignore_index``; ``"mean"`` divides the sum by ``Σ_i sample_weight_i·w_{y_i}``
     over non-ignored tokens (PyTorch's weighted mean) and is 0.0 (zero gradient) when
     that is 0. The vocabulary is
     processed in tiles with an online logsumexp, so peak memory is a few
     ``(tokens, chunk_size)`` tiles instead of the ``(tokens, V)`` logits and their
-    gradient. Reverse-mode differentiable in ``hidden``, ``weight``, ``bias``,
-    ``class_weight`` and ``sample_weight``, for any cotangent (also per-token ones
-    with ``reduction="none"``).
+    gradient. Reverse-mode differentiable in ``hidden``, ``linear_weight``,
+    ``linear_bias``, ``weight`` and ``sample_weight``, for any cotangent (also per-token
+    ones with ``reduction="none"``). The argument names follow PyTorch 2.13's
+    ``torch.nn.functional.linear_cross_entropy``.
 
     Args:
       hidden: ``(..., D)`` activations, any float dtype.
-      weight: the output projection, ``(D, V)`` (a Flax ``Dense`` kernel) with
+      linear_weight: the output projection, ``(D, V)`` (a Flax ``Dense`` kernel) with
         ``weight_layout="dv"``, or ``(V, D)`` (a tied embedding table) with
         ``weight_layout="vd"`` — used as is, never transposed or copied. With
         ``axis_name``, this device's vocabulary shard.
       labels: integer class ids of shape ``hidden.shape[:-1]``. A label outside
         ``[0, V)`` that is not ``ignore_index`` makes that token's loss (and the
         gradient) NaN; :func:`jsoftmax.checked` names it instead.
-      bias: optional ``(V,)`` bias (sharded like ``weight``).
-      weight_layout: ``"dv"`` or ``"vd"``, see ``weight``.
-      class_weight: optional ``(V,)`` per-class weights, ``cross_entropy``'s
-        ``weight`` argument (renamed here because ``weight`` is the matrix). Under
-        ``axis_name``, this shard's slice or the whole ``(V,)`` vector.
+      linear_bias: optional ``(V,)`` bias (sharded like ``linear_weight``).
+      weight_layout: ``"dv"`` or ``"vd"``, see ``linear_weight``.
+      weight: optional ``(V,)`` per-class weights, as in :func:`jsoftmax.cross_entropy`.
+        Under ``axis_name``, this shard's slice or the whole ``(V,)`` vector.
       sample_weight: optional per-token weights of shape ``labels.shape``,
         multiplied into the numerator and the denominator of ``"mean"``.
       ignore_index: label value that contributes nothing.
@@ -422,6 +392,8 @@ def linear_cross_entropy(
       z_loss: ``λ >= 0``; adds ``λ·w_y·lse²`` per non-ignored token (PaLM).
       logit_softcap: optional ``c > 0``; logits become ``c·tanh(z/c)`` (Gemma 2).
       reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-token, shape of ``labels``).
+      normalizer: optional denominator for ``reduction="mean"`` in place of the local
+        one (see :func:`jsoftmax.cross_entropy` and :func:`jsoftmax.loss_denominator`).
       chunk_size: vocabulary entries per chunk; ``None`` picks one so that a float32
         ``(tokens, chunk_size)`` tile is about 16 MiB. A ``V`` that is not a multiple
         is fine (the last chunk is smaller).
@@ -430,8 +402,8 @@ def linear_cross_entropy(
         in the compile matrix *and* measured faster than XLA on that hardware. No
         device measurement exists yet, so ``"auto"`` is ``"xla"`` on every platform
         for now.
-      axis_name: mesh axis name (or tuple of names) over which ``weight`` (and
-        ``bias``, ``class_weight``) are sharded along the vocabulary, inside
+      axis_name: mesh axis name (or tuple of names) over which ``linear_weight`` (and
+        ``linear_bias``, ``weight``) are sharded along the vocabulary, inside
         ``jax.shard_map``; the result is the loss over the whole vocabulary. Labels
         are global class ids.
       return_lse: also return the per-token logsumexp (float32, shape of
@@ -461,21 +433,12 @@ def linear_cross_entropy(
       https://arxiv.org/abs/2411.09009 ; Shoeybi et al. 2019, "Megatron-LM",
       https://arxiv.org/abs/1909.08053 (vocab-parallel cross-entropy).
     """
-    if weight_layout not in _LAYOUTS:
-        raise ValueError(f"`weight_layout` must be one of {_LAYOUTS}, got {weight_layout!r}.")
-    if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
-        raise TypeError(f"`ignore_index` must be an int, got {ignore_index!r}.")
-    num.check_reduction(reduction)
-    if impl not in _IMPLS:
-        raise ValueError(f"`impl` must be one of {_IMPLS}, got {impl!r}.")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
-        or chunk_size < 1
-    ):  # fmt: skip
-        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-    eps = _check_scalar(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    dtypes = [jnp.result_type(a) for a in (hidden, weight) if hasattr(a, "dtype")]
-    why_not = _pallas_unsupported(axis_name, return_lse, class_weight is not None, eps, dtypes)
+    check.choice(weight_layout, "weight_layout", _LAYOUTS)
+    check.choice(impl, "impl", _IMPLS)
+    reduction = check.reduction(reduction)
+    eps = check.static_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0)
+    dtypes = [jnp.result_type(a) for a in (hidden, linear_weight) if hasattr(a, "dtype")]
+    why_not = _pallas_unsupported(axis_name, return_lse, weight is not None, eps, dtypes)
     if impl == "pallas" and why_not is not None:
         raise ValueError(f"impl='pallas' does not support this call: {why_not}.")
     if impl == "auto":
@@ -483,19 +446,24 @@ def linear_cross_entropy(
         impl = _impl.resolve_auto("linear_cross_entropy", supported=why_not is None)
     statics = _Statics(
         layout=weight_layout,
-        ignore_index=int(ignore_index),
+        ignore_index=check.ignore_index(ignore_index),
         eps=eps,
-        lam=_check_scalar(z_loss, "z_loss", low=0.0),
-        softcap=_check_scalar(logit_softcap, "logit_softcap", low=0.0, none_ok=True),
+        lam=check.static_number(z_loss, "z_loss", lo=0.0),
+        softcap=check.static_number(
+            logit_softcap, "logit_softcap", lo=0.0, lo_open=True, optional=True
+        ),
         reduction=reduction,
-        chunk_size=None if chunk_size is None else int(chunk_size),
+        chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
         impl=impl,
         axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
         return_lse=bool(return_lse),
     )
+    normalizer = check.normalizer(normalizer, reduction)
     # Jitted so that eager calls compile the chunk loops once instead of dispatching
     # them op by op; inside an outer jit or shard_map this is inlined.
-    return _linear_cross_entropy(statics, hidden, weight, labels, bias, class_weight, sample_weight)
+    return _linear_cross_entropy(
+        statics, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
+    )
 
 
 class _Statics(NamedTuple):
@@ -514,27 +482,29 @@ class _Statics(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample_weight):
+def _linear_cross_entropy(
+    st, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
+):
     (weight_layout, ignore_index, eps, lam, softcap, reduction, chunk_size, impl, axis_name,
      return_lse) = st  # fmt: skip
-    hidden = num.as_float(hidden, "hidden")
-    weight = num.as_float(weight, "weight")
+    hidden = check.float_array(hidden, "hidden")
+    linear_weight = check.float_array(linear_weight, "linear_weight")
     if hidden.ndim < 1:
         raise ValueError("`hidden` must have at least one dimension (..., D), got a scalar.")
-    if weight.ndim != 2:
-        raise ValueError(f"`weight` must be 2-D, got shape {weight.shape}.")
+    if linear_weight.ndim != 2:
+        raise ValueError(f"`linear_weight` must be 2-D, got shape {linear_weight.shape}.")
     d_model = hidden.shape[-1]
-    v_local, d_weight = weight.shape[::-1] if weight_layout == "dv" else weight.shape
+    v_local, d_weight = linear_weight.shape[::-1] if weight_layout == "dv" else linear_weight.shape
     if d_weight != d_model:
         expected = f"({d_model}, V)" if weight_layout == "dv" else f"(V, {d_model})"
         raise ValueError(
-            f"`weight` of shape {weight.shape} does not match `hidden` of shape "
+            f"`linear_weight` of shape {linear_weight.shape} does not match `hidden` of shape "
             f"{hidden.shape}: expected {expected} for weight_layout={weight_layout!r}."
         )
     if v_local == 0:
-        raise ValueError(f"`weight` of shape {weight.shape} has an empty vocabulary.")
+        raise ValueError(f"`linear_weight` of shape {linear_weight.shape} has an empty vocabulary.")
     batch_shape = hidden.shape[:-1]
-    labels = num.check_integer_labels(labels, batch_shape)
+    labels = check.integer_labels(labels, batch_shape)
     n_vocab = v_local
     if axis_name is not None:
         try:
@@ -546,27 +516,24 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
             ) from err
     if axis_name is not None:
         axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-        if not all(a in _vma(weight) for a in axes):
+        if not all(a in _vma(linear_weight) for a in axes):
             raise ValueError(
-                f"`weight` does not vary over `axis_name`={axis_name!r}: vocab-parallel mode "
-                "needs `weight` sharded over the vocabulary on that mesh axis (in_specs), "
-                "inside a `jax.shard_map` with check_vma=True (the default)."
+                f"`linear_weight` does not vary over `axis_name`={axis_name!r}: vocab-parallel "
+                "mode needs `linear_weight` sharded over the vocabulary on that mesh axis "
+                "(in_specs), inside a `jax.shard_map` with check_vma=True (the default)."
             )
-    bias = _per_vocab(bias, "bias", (v_local,))
+    linear_bias = check.class_vector(linear_bias, v_local, "linear_bias")
     # Under `axis_name` the class weights may be this shard's slice or the whole vector.
-    class_weight = _per_vocab(class_weight, "class_weight", (v_local, n_vocab))
-    if sample_weight is not None:
-        sample_weight = num.as_float(sample_weight, "sample_weight")
-        num.check_broadcast(sample_weight, batch_shape, "sample_weight")
+    weight = check.class_vector(weight, (v_local, n_vocab))
+    sample_weight = check.sample_weight(sample_weight, batch_shape)
 
     n_rows = math.prod(batch_shape)
 
-    compute = jnp.result_type(hidden.dtype, weight.dtype)
+    compute = jnp.result_type(hidden.dtype, linear_weight.dtype)
     acc = num.acc_dtype(compute)
     h2 = hidden.reshape(n_rows, d_model)
     y = labels.reshape(n_rows)
-    if y.dtype.itemsize < 4 or jnp.issubdtype(y.dtype, jnp.unsignedinteger):
-        y = y.astype(jnp.int32)  # signed, so that ignore_index = -100 compares correctly
+    y = check.widen_labels(y)
     sw = None
     if sample_weight is not None:
         sw = jnp.broadcast_to(sample_weight, batch_shape).reshape(n_rows).astype(acc)
@@ -585,13 +552,14 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
 
         def pallas():
             return _pallas_route(
-                h2, weight, y, bias, class_weight, sw, keep, bad, batch_shape, weight_layout,
-                ignore_index, eps, lam, softcap, reduction, chunk_size, acc,
+                h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape,
+                weight_layout, ignore_index, eps, lam, softcap, reduction, normalizer,
+                chunk_size, acc,
             )  # fmt: skip
 
         if impl == "pallas":
             return pallas()
-        args = (hidden, weight, labels, bias, class_weight, sample_weight)
+        args = (hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer)
         xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args)
         return _impl.run_auto("linear_cross_entropy", pallas=pallas, xla=xla)
 
@@ -612,20 +580,20 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
     # written with the three per-token statistics of the chunked core.
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y, w_sum = None, float(n_vocab)
-    if class_weight is not None and class_weight.shape[0] == n_vocab:
+    if weight is not None and weight.shape[0] == n_vocab:
         # The whole vector (also under axis_name): w_y and Σ w need no collective.
-        w_y = jnp.where(keep, class_weight[jnp.clip(y, 0, n_vocab - 1)], 0.0).astype(acc)
-        w_sum = jnp.sum(class_weight.astype(acc))
+        w_y = jnp.where(keep, weight[jnp.clip(y, 0, n_vocab - 1)], 0.0).astype(acc)
+        w_sum = jnp.sum(weight.astype(acc))
         if n_vocab != v_local:
             offset = lax.axis_index(axis_name) * v_local
-            class_weight = lax.dynamic_slice_in_dim(class_weight, offset, v_local)
-    elif class_weight is not None:
-        w_y = _label_weights(class_weight, y, keep, cfg)
-        w_sum = lax.psum(jnp.sum(class_weight.astype(acc)), axis_name)
+            weight = lax.dynamic_slice_in_dim(weight, offset, v_local)
+    elif weight is not None:
+        w_y = _label_weights(weight, y, keep, cfg)
+        w_sum = lax.psum(jnp.sum(weight.astype(acc)), axis_name)
     gamma = base * (1.0 - eps) if w_y is None else base * (1.0 - eps) * w_y
     delta = base * (eps / n_vocab)
 
-    lse_out, zy, zw = _stats(cfg, h2, weight, bias, class_weight, y)
+    lse_out, zy, zw = _stats(cfg, h2, linear_weight, linear_bias, weight, y)
     lse = _poison_cotangent(lse_out, bad)
     per_token = gamma * (lse - zy)
     if cfg.need_zw:
@@ -638,7 +606,7 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
     if reduction == "none":
         loss = per_token.reshape(batch_shape)
     else:
-        loss = _reduce(jnp.sum(per_token), base, w_y, reduction)
+        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer)
     if return_lse:
         return loss, lse_out.reshape(batch_shape)
     return loss
@@ -647,16 +615,16 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
 _poison_cotangent = num.poison_cotangent
 
 
-def _reduce(total, base, w_y, reduction):
+def _reduce(total, base, w_y, reduction, normalizer):
     if reduction == "sum":
         return total
-    den = jnp.sum(base if w_y is None else base * w_y)
-    return jnp.where(den > 0, total / jnp.where(den > 0, den, 1.0), 0.0)
+    den = None if normalizer is not None else jnp.sum(base if w_y is None else base * w_y)
+    return num.mean_of(total, den, normalizer)
 
 
 def _pallas_route(
-    h2, weight, y, bias, class_weight, sw, keep, bad, batch_shape, layout,
-    ignore_index, eps, lam, softcap, reduction, chunk_size, acc,
+    h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, layout,
+    ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc,
 ):  # fmt: skip
     """Per-token losses from ``jsoftmax.kernels``; weights and reduction applied here.
 
@@ -667,17 +635,18 @@ def _pallas_route(
     from jsoftmax import kernels  # lazily: kernels are optional at import time
 
     per_row = kernels.linear_cross_entropy(
-        h2, weight, y, bias=bias, weight_layout=layout, ignore_index=ignore_index,
+        h2, linear_weight, y, linear_bias=linear_bias, weight_layout=layout,
+        ignore_index=ignore_index,
         label_smoothing=eps, z_loss=lam, logit_softcap=softcap, block_cols=chunk_size,
     ).astype(acc)  # fmt: skip
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y = None
-    if class_weight is not None:
-        w_y = jnp.where(keep, class_weight[jnp.clip(y, 0, class_weight.shape[0] - 1)], 0.0)
+    if weight is not None:
+        w_y = jnp.where(keep, weight[jnp.clip(y, 0, weight.shape[0] - 1)], 0.0)
         w_y = w_y.astype(acc)
     weight_i = base if w_y is None else base * w_y
     per_row = _poison_cotangent(per_row, bad)
     per_token = jnp.where(bad, jnp.nan, jnp.where(keep, per_row * weight_i, 0.0))
     if reduction == "none":
         return per_token.reshape(batch_shape)
-    return _reduce(jnp.sum(per_token), base, w_y, reduction)
+    return _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer)

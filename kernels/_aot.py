@@ -229,7 +229,7 @@ def linear_cross_entropy_case(
 
     def run(h, w, b, y):
         def loss(h, w, b):
-            out = linear_cross_entropy(h, w, y, bias=b, weight_layout=layout, **options)
+            out = linear_cross_entropy(h, w, y, linear_bias=b, weight_layout=layout, **options)
             return out.mean()
 
         return jax.value_and_grad(loss, argnums=argnums)(h, w, b) if grad else loss(h, w, b)

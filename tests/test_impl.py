@@ -25,7 +25,7 @@ KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 def lce(h, w, y, b=None, **kw):
     """``jsm.linear_cross_entropy`` with the bias passed by keyword (one place to rename)."""
-    return jsm.linear_cross_entropy(h, w, y, bias=b, **kw)
+    return jsm.linear_cross_entropy(h, w, y, linear_bias=b, **kw)
 
 
 def lowered(fn, args, platform):
@@ -103,7 +103,10 @@ CE_CASES = {
         jnp.float32,
         dict(label_smoothing=0.1, z_loss=1e-3, reduction="none"),
     ),
-    "ignore-mean-bf16": (jnp.bfloat16, dict(ignore_index=7, sample_weight="s")),
+    "ignore-mean-normalizer-bf16": (
+        jnp.bfloat16,
+        dict(ignore_index=7, sample_weight="s", normalizer=4.0),
+    ),
 }
 
 
@@ -181,9 +184,14 @@ LCE_CASES = {
         "dv",
         jnp.float32,
         True,
-        dict(class_weight="c", sample_weight="s", reduction="none"),
+        dict(weight="c", sample_weight="s", reduction="none"),
     ),
-    "vd-ignore-bf16": ("vd", jnp.bfloat16, False, dict(ignore_index=7, z_loss=1e-3)),
+    "vd-ignore-normalizer-bf16": (
+        "vd",
+        jnp.bfloat16,
+        False,
+        dict(ignore_index=7, z_loss=1e-3, normalizer=3.0),
+    ),
 }
 
 
@@ -192,8 +200,8 @@ def test_linear_cross_entropy_pallas_equals_xla(name):
     layout, dtype, bias, opts = LCE_CASES[name]
     h, w, b, y = lce_inputs(layout, dtype, bias)
     opts = dict(opts, weight_layout=layout)
-    if opts.get("class_weight") == "c":
-        opts["class_weight"] = jnp.linspace(0.5, 2.0, 200)
+    if opts.get("weight") == "c":
+        opts["weight"] = jnp.linspace(0.5, 2.0, 200)
     if opts.get("sample_weight") == "s":
         opts["sample_weight"] = jnp.array([1.0, 0.5, 2.0, 0.0, 1.0, 3.0])
     if "ignore_index" in opts:

@@ -55,7 +55,7 @@ def test_shard_map_matches_single_device(layout, reduction, rng):
 
     def parallel(h, w, b, cw):
         f = lambda h, w, b, cw, y, sw: jsm.linear_cross_entropy(  # noqa: E731
-            h, w, y, bias=b, class_weight=cw, sample_weight=sw, axis_name="v", **kw
+            h, w, y, linear_bias=b, weight=cw, sample_weight=sw, axis_name="v", **kw
         )
         loss, lse = jax.shard_map(
             f, mesh=mesh, in_specs=(P(), w_spec, P("v"), P("v"), P(), P()), out_specs=P()
@@ -64,7 +64,7 @@ def test_shard_map_matches_single_device(layout, reduction, rng):
 
     def single(h, w, b, cw):
         loss, lse = jsm.linear_cross_entropy(
-            h, w, y, bias=b, class_weight=cw, sample_weight=sw, **kw
+            h, w, y, linear_bias=b, weight=cw, sample_weight=sw, **kw
         )
         return jnp.sum(cot * loss), (loss, lse)
 
@@ -78,7 +78,7 @@ def test_shard_map_matches_single_device(layout, reduction, rng):
     np.testing.assert_allclose(loss, rloss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lse, rlse, rtol=1e-6)
     for name, g, rg in zip(
-        ("hidden", "weight", "bias", "class_weight"), grads, rgrads, strict=True
+        ("hidden", "linear_weight", "linear_bias", "weight"), grads, rgrads, strict=True
     ):
         assert rel_err(g, rg) < 1e-5, name
 
@@ -92,7 +92,7 @@ def test_shard_map_data_and_vocab_mesh(rng):
     def parallel(h, w, b):
         def local(h, w, b, y, cw):
             # `cw` is the whole (V,) vector here, replicated: also accepted.
-            part = jsm.linear_cross_entropy(h, w, y, bias=b, class_weight=cw, axis_name="v", **kw)
+            part = jsm.linear_cross_entropy(h, w, y, linear_bias=b, weight=cw, axis_name="v", **kw)
             return jax.lax.psum(part, "data")
 
         return jax.shard_map(
@@ -103,7 +103,7 @@ def test_shard_map_data_and_vocab_mesh(rng):
         )(h, w, b, y, cw)
 
     def single(h, w, b):
-        return jsm.linear_cross_entropy(h, w, y, bias=b, class_weight=cw, **kw)
+        return jsm.linear_cross_entropy(h, w, y, linear_bias=b, weight=cw, **kw)
 
     val, grads = jax.jit(jax.value_and_grad(parallel, (0, 1, 2)))(h, w, b)
     rval, rgrads = jax.jit(jax.value_and_grad(single, (0, 1, 2)))(h, w, b)
