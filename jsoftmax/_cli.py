@@ -89,12 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser(
         "doctor",
         help="JAX version, backend and devices; whether kernels run compiled or interpreted; "
-        "Pallas lowering check for cuda and tpu",
-        description="Report the environment and check that the Pallas kernels lower for "
-        "cuda and tpu from this machine.",
+        "Pallas lowering check for cuda and tpu; compile matrix with the [aot] extra",
+        description="Report the environment, check that the Pallas kernels lower for "
+        "cuda and tpu from this machine, and (with the [aot] extra) compile them with the "
+        "real compilers for H100, A100 and TPU v4/v5e/v5p/v6e.",
     )
     doctor.add_argument(
         "--no-lowering", action="store_true", help="skip the (slower) lowering check"
+    )
+    doctor.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the compile matrix (real GPU/TPU compilers; needs the [aot] extra)",
     )
     return parser
 

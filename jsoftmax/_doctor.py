@@ -5,7 +5,10 @@ devices, how the Pallas kernels will run here (compiled Mosaic on TPU, compiled 
 CUDA/ROCm, Pallas' interpreter otherwise — numerically the same, much slower), which
 optional extras are importable, and a lowering check: every kernel, forward and backward,
 lowered for ``cuda`` and ``tpu`` from this machine via ``jsoftmax.kernels.lowering_report``
-(lowering needs no accelerator, so a CPU-only machine can check both).
+(lowering needs no accelerator, so a CPU-only machine can check both). With the ``[aot]``
+extra installed it also shows the compile matrix: every kernel, forward and backward,
+compiled by the real compilers for H100, A100 and TPU v4/v5e/v5p/v6e (small shapes; the
+production-shape matrix is ``pytest -m aot``); without it, how to get it.
 """
 
 from __future__ import annotations
@@ -127,4 +130,28 @@ def main(args: Any) -> int:
     n_ok = sum(bool(r["ok"]) for r in report)
     print()
     print(f"{n_ok}/{len(report)} lowerings ok in {time.perf_counter() - start:.1f} s")
-    return 0 if n_ok == len(report) else 1
+    compiled_ok = True
+    if not getattr(args, "no_compile", False):
+        print()
+        compiled_ok = compile_matrix()
+    return 0 if n_ok == len(report) and compiled_ok else 1
+
+
+def compile_matrix() -> bool:
+    """Print the compile matrix (targets x kernels) or how to get it; ``False`` on failures."""
+    from jsoftmax.kernels import _aot
+
+    reason = _aot.missing()
+    if reason is not None and all(_aot.missing(t.platform) for t in _aot.TARGETS):
+        print(f"Compile matrix (real GPU/TPU compilers): not available: {reason}.")
+        return True
+    print("Compile matrix (real GPU/TPU compilers, small shapes, forward + backward):")
+    start = time.perf_counter()
+    results = _aot.compile_matrix(_aot.doctor_cases())
+    print(_aot.status_table(results))
+    if reason is not None:
+        print(f"(partial: {reason})")
+    n_ok = sum(r.status == "ok" and r.n_kernels > 0 for r in results)
+    print()
+    print(f"{n_ok}/{len(results)} compiles ok in {time.perf_counter() - start:.1f} s")
+    return n_ok == len(results)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jsoftmax import _impl
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
 from jsoftmax._checks import label_check
@@ -465,14 +466,6 @@ def _pallas_unsupported(axis_name, return_lse, has_weight, label_smoothing, dtyp
     return None
 
 
-def _have_kernel() -> bool:
-    try:
-        from jsoftmax import kernels
-    except ImportError:
-        return False
-    return hasattr(kernels, "linear_cross_entropy")
-
-
 class SoftmaxStats(NamedTuple):
     r"""Per-token statistics of ``p = softmax(u)`` from :func:`linear_softmax_stats`.
 
@@ -735,9 +728,11 @@ def linear_cross_entropy(
       chunk_size: vocabulary entries per chunk; ``None`` picks one so that a float32
         ``(tokens, chunk_size)`` tile is about 16 MiB. A ``V`` that is not a multiple
         is fine (the last chunk is smaller).
-      impl: ``"xla"`` (pure JAX), ``"pallas"`` (``jsoftmax.kernels``) or ``"auto"``
-        (``"pallas"`` on TPU when the options allow, else ``"xla"``; on GPU the
-        kernel is opt-in, see the README's kernel notes).
+      impl: ``"xla"`` (pure JAX), ``"pallas"`` (``jsoftmax.kernels``) or ``"auto"``:
+        the kernel only on a platform where it is proven -- compiled for every target
+        in the compile matrix *and* measured faster than XLA on that hardware. No
+        device measurement exists yet, so ``"auto"`` is ``"xla"`` on every platform
+        for now.
       axis_name: mesh axis name (or tuple of names) over which ``linear_weight`` (and
         ``linear_bias``, ``weight``) are sharded along the vocabulary, inside
         ``jax.shard_map``; the result is the loss over the whole vocabulary. Labels
@@ -797,11 +792,8 @@ def linear_cross_entropy(
     if impl == "pallas" and why_not is not None:
         raise ValueError(f"impl='pallas' does not support this call: {why_not}.")
     if impl == "auto":
-        # The fused kernel is the TPU path. On GPUs the chunked XLA path keeps cuBLAS
-        # matmuls and the same O(N·chunk) memory; the Triton kernel's bytes/FLOPs
-        # estimate is 2-4x slower there (README, "Pallas kernels"), so it stays opt-in.
-        on_tpu = jax.default_backend() == "tpu"
-        impl = "pallas" if on_tpu and why_not is None and _have_kernel() else "xla"
+        # The kernel only where it is proven (compiled and measured faster): jsoftmax._impl.
+        impl = _impl.resolve_auto("linear_cross_entropy", supported=why_not is None)
     statics = _Statics(
         layout=weight_layout,
         ignore_index=check.ignore_index(ignore_index),
@@ -957,11 +949,20 @@ def _linear_cross_entropy(
     if sample_weight is not None:
         sw = jnp.broadcast_to(sample_weight, batch_shape).reshape(n_rows).astype(acc)
 
-    if impl == "pallas":
-        return _pallas_route(
-            h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, weight_layout,
-            ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc,
-        )  # fmt: skip
+    if impl in ("pallas", "auto"):
+
+        def pallas():
+            return _pallas_route(
+                h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape,
+                weight_layout, ignore_index, eps, lam, softcap, reduction, normalizer,
+                chunk_size, acc,
+            )  # fmt: skip
+
+        if impl == "pallas":
+            return pallas()
+        args = (hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer)
+        xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args)
+        return _impl.run_auto("linear_cross_entropy", pallas=pallas, xla=xla)
 
     cfg = _make_config(
         inp, weight_layout, chunk_size, softcap, axis_name, need_zw=eps > 0,
@@ -1008,27 +1009,7 @@ def _linear_cross_entropy(
     return loss
 
 
-@jax.custom_vjp
-def _poison_cotangent(x, bad):
-    """Identity whose cotangent is NaN at ``bad`` positions.
-
-    A token with a bad label gets a NaN loss *and* poisons the gradient (as
-    ``cross_entropy`` does). Multiplying by NaN is not enough: its coefficient there is
-    0, and XLA rewrites ``x * convert(mask)`` as a select, which drops ``0 * NaN``.
-    """
-    del bad
-    return x
-
-
-def _poison_fwd(x, bad):
-    return x, bad
-
-
-def _poison_bwd(bad, ct):
-    return jnp.where(bad, jnp.nan, ct), None
-
-
-_poison_cotangent.defvjp(_poison_fwd, _poison_bwd)
+_poison_cotangent = num.poison_cotangent
 
 
 @jax.custom_vjp
@@ -1064,27 +1045,39 @@ def _pallas_route(
     h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, layout,
     ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc,
 ):  # fmt: skip
-    """Per-token losses from ``jsoftmax.kernels``; weights and reduction applied here.
+    """The loss from ``jsoftmax.kernels``; class/sample weights and the reduction here.
 
     The kernel's row loss is ``(1-ε)(lse − z_y) + ε/V Σ_c (lse − z_c) + λ lse²``; without
     smoothing (the only case routed here with class weights) ``cross_entropy``'s
-    weighted row loss is exactly ``w_y`` times it.
+    weighted row loss is exactly ``w_y`` times it. For ``"mean"``/``"sum"`` the kernel
+    reduces with per-row weights ``w_i / den``, which lets it compute the gradient in its
+    forward pass (three matmuls, no recomputation); a bad label's row weight is NaN, so
+    the loss and the whole gradient are poisoned. ``chunk_size`` is the XLA path's; the
+    kernels choose their own tiles.
     """
+    del chunk_size
     from jsoftmax import kernels  # lazily: kernels are optional at import time
 
-    per_row = kernels.linear_cross_entropy(
-        h2, linear_weight, y, linear_bias=linear_bias, weight_layout=layout,
-        ignore_index=ignore_index,
-        label_smoothing=eps, z_loss=lam, logit_softcap=softcap, block_cols=chunk_size,
-    ).astype(acc)  # fmt: skip
+    kw = dict(
+        linear_bias=linear_bias, weight_layout=layout, ignore_index=ignore_index,
+        label_smoothing=eps, z_loss=lam, logit_softcap=softcap,
+    )  # fmt: skip
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y = None
     if weight is not None:
         w_y = jnp.where(keep, weight[jnp.clip(y, 0, weight.shape[0] - 1)], 0.0)
         w_y = w_y.astype(acc)
     weight_i = base if w_y is None else base * w_y
-    per_row = _poison_cotangent(per_row, bad)
-    per_token = jnp.where(bad, jnp.nan, jnp.where(keep, per_row * weight_i, 0.0))
     if reduction == "none":
+        per_row = kernels.linear_cross_entropy(h2, linear_weight, y, **kw).astype(acc)
+        per_row = _poison_cotangent(per_row, bad)
+        per_token = jnp.where(bad, jnp.nan, jnp.where(keep, per_row * weight_i, 0.0))
         return per_token.reshape(batch_shape)
-    return _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer)
+    if reduction == "mean":
+        den = None if normalizer is not None else jnp.sum(weight_i)
+        weight_i = num.mean_of(weight_i, den, normalizer)
+    row_weight = jnp.where(bad, jnp.nan, weight_i)
+    loss = kernels.linear_cross_entropy(
+        h2, linear_weight, y, sample_weight=row_weight, reduction="sum", **kw
+    )
+    return loss.astype(acc)

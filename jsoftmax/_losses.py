@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jsoftmax import _impl
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
 from jsoftmax._checks import label_check
@@ -356,13 +357,8 @@ def _choose_impl(impl: str, unsupported: list[str]) -> str:
                 "use impl='xla' (or 'auto', which falls back to it)."
             )
         return "pallas"
-    if unsupported or jax.default_backend() not in ("gpu", "tpu", "cuda", "rocm"):
-        return "xla"
-    try:
-        from jsoftmax.kernels import cross_entropy as _  # noqa: F401
-    except ImportError:
-        return "xla"
-    return "pallas"
+    # "auto": the Pallas kernel only where it is proven (compiled and measured faster).
+    return _impl.resolve_auto("cross_entropy", supported=not unsupported)
 
 
 def _pallas_rows(x, labels, axis, ignore_index, eps, lam):
@@ -451,8 +447,10 @@ def cross_entropy(
         this shard's slice.
       impl: ``"xla"`` (pure JAX), ``"pallas"`` (``jsoftmax.kernels.cross_entropy`` per
         row; integer labels without ``where``/``axis_name``; ``weight`` only without
-        label smoothing) or ``"auto"`` (``"pallas"`` on GPU/TPU when it supports the
-        options, else ``"xla"``).
+        label smoothing) or ``"auto"``: the kernel only on a platform where it is proven
+        -- compiled for every target in the compile matrix *and* measured faster than
+        XLA on that hardware. No device measurement exists yet, so ``"auto"`` is
+        ``"xla"`` on every platform for now.
 
     Returns:
       A scalar for ``"mean"``/``"sum"``, else the per-position losses (labels' shape for
@@ -533,14 +531,25 @@ def cross_entropy(
     valid, bad = _int_label_masks(
         labels, ignore_index, n_classes, where, x.shape, a, axis_name, "cross_entropy", logits=x
     )
-    if impl == "pallas":
+
+    def pallas_rows():
         per = _pallas_rows(x, labels, a, ignore_index, eps, lam)
         if weight is not None:
             per = per * weight.astype(acc)[jnp.clip(labels, 0, n_classes - 1)]
-        per = jnp.where(bad, jnp.nan, per)
-    else:
+        # A bad label poisons the loss *and* the gradient, as on the XLA route.
+        per = num.poison_cotangent(per, bad)
+        return jnp.where(bad, jnp.nan, per)
+
+    def xla_rows():
         cfg = _CE(a, ignore_index, eps, lam, False, _residual_mode(x.dtype), axis_name)
-        per = jnp.squeeze(_ce_core(cfg, x, labels, w_local, where, bad), a)
+        return jnp.squeeze(_ce_core(cfg, x, labels, w_local, where, bad), a)
+
+    if impl == "pallas":
+        per = pallas_rows()
+    elif impl == "auto":
+        per = _impl.run_auto("cross_entropy", pallas=pallas_rows, xla=xla_rows)
+    else:
+        per = xla_rows()
     den = _den_terms(weight, labels, valid, bad, c_local, axis_name, acc)
     return _reduce(per, den, sw, reduction, normalizer)
 

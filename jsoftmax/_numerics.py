@@ -130,3 +130,30 @@ def mean_of(total: jax.Array, den: jax.Array, normalizer: Any = None) -> jax.Arr
         den = jnp.where(n < 0, jnp.nan, n)
     zero = den == 0
     return jnp.where(zero, 0.0, total / jnp.where(zero, 1.0, den))
+
+
+# --------------------------------------------------------------------- bad-label poison
+
+
+@jax.custom_vjp
+def poison_cotangent(x: jax.Array, bad: jax.Array) -> jax.Array:
+    """Identity whose cotangent is NaN at ``bad`` positions.
+
+    A position with a bad label gets a NaN loss *and* poisons the gradient, on every
+    route (XLA or Pallas kernel). Multiplying by NaN is not enough: the coefficient
+    there is often 0 (``where(bad, nan, loss)`` has a zero gradient at ``bad``), and XLA
+    rewrites ``x * convert(mask)`` as a select, which drops ``0 * NaN``.
+    """
+    del bad
+    return x
+
+
+def _poison_fwd(x, bad):
+    return x, bad
+
+
+def _poison_bwd(bad, ct):
+    return jnp.where(bad, jnp.nan, ct), None
+
+
+poison_cotangent.defvjp(_poison_fwd, _poison_bwd)

@@ -183,6 +183,159 @@ def gpu_params(tile_elems: int, num_stages: int = 1) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=gpu_num_warps(tile_elems), num_stages=num_stages)
 
 
+# ------------------------------------------------------------ compiler limits (checked)
+#
+# Limits of the device compilers, found by compiling for each target with the real
+# compilers (jsoftmax.kernels._aot; the `aot` tests re-check that each refused block
+# configuration is indeed rejected by the compiler). A block configuration that breaks
+# one is refused with a ValueError at trace time, before the compiler is reached.
+
+# Triton verifies every tensor against this ("Maximum allowed number of elements is
+# 1048576"), on every GPU.
+TRITON_MAX_ELEMENTS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuLimits:
+    """Scoped VMEM a Mosaic kernel may allocate (blocks, their double buffers, scratch)."""
+
+    name: str
+    vmem: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuLimits:
+    """Shared memory one Triton program may use (the per-block opt-in maximum)."""
+
+    name: str
+    shared_memory: int
+
+
+MIB = 2**20
+# Scoped VMEM limit per generation, keyed by jax's device_kind. v5e/v5p/v6e report it in
+# their errors ("Scoped allocation with size 16.12M and limit 16.00M"; 32.00M on v6e);
+# v4 has 16 MiB of VMEM per TensorCore in all ("Used 20.36M of 16.00M vmem").
+TPU_LIMITS = {
+    "TPU v4": TpuLimits("TPU v4", 16 * MIB),
+    "TPU v5 lite": TpuLimits("TPU v5e", 16 * MIB),
+    "TPU v5": TpuLimits("TPU v5p", 16 * MIB),
+    "TPU v6 lite": TpuLimits("TPU v6e", 32 * MIB),
+}
+# Shared memory per block with opt-in, by compute capability (CUDA C++ Programming
+# Guide, "Technical Specifications per Compute Capability"); the compiler reports the
+# same number ("Shared memory size limit exceeded: requested 196608, available: 166912").
+GPU_LIMITS = {
+    (8, 0): GpuLimits("sm_80 (A100)", 166912),
+    (8, 6): GpuLimits("sm_86", 101376),
+    (8, 7): GpuLimits("sm_87", 166912),
+    (8, 9): GpuLimits("sm_89", 101376),
+    (9, 0): GpuLimits("sm_90 (H100)", 232448),
+}
+# The most restrictive *supported* target of each backend (those of the compile matrix:
+# TPU v4/v5e/v5p/v6e, A100/H100), used when the device is not known at trace time.
+TPU_MOST_RESTRICTIVE = TpuLimits("TPU v4/v5e/v5p (most restrictive supported TPU)", 16 * MIB)
+GPU_MOST_RESTRICTIVE = GpuLimits("A100 (most restrictive supported GPU)", 166912)
+
+_ACCELERATOR = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
+
+
+@functools.cache
+def limits(style: str) -> TpuLimits | GpuLimits | None:
+    """The limits that compiled kernels of ``style`` (``"tpu"``/``"gpu"``) are checked against.
+
+    The target generation is not known at trace time on every path: ``jax.jit`` traces
+    every branch of ``lax.platform_dependent``, and a program lowered from a CPU host
+    (``lower(lowering_platforms=...)``, ahead-of-time compilation) may be compiled for
+    any generation. So:
+
+    * on a host whose JAX backend is this style's accelerator: that device's limits
+      (from ``device_kind`` / ``compute_capability``; an unknown generation gets the
+      most restrictive supported one);
+    * on a host without an accelerator (CPU): the most restrictive supported target of
+      the style, since the call may be lowered for any of them;
+    * on a host with the *other* accelerator: ``None`` -- not checked (that branch is
+      only traced, not compiled, unless the program is explicitly lowered for the
+      other platform, in which case its compiler reports any violation).
+    """
+    host = _ACCELERATOR.get(jax.default_backend())
+    fallback = TPU_MOST_RESTRICTIVE if style == "tpu" else GPU_MOST_RESTRICTIVE
+    if host is None:
+        return fallback
+    if host != style:
+        return None
+    device = jax.devices()[0]
+    if style == "tpu":
+        return TPU_LIMITS.get(getattr(device, "device_kind", ""), fallback)
+    try:
+        major, minor = (int(p) for p in str(device.compute_capability).split(".")[:2])
+    except (AttributeError, ValueError):
+        return fallback
+    return GPU_LIMITS.get((major, minor), fallback)
+
+
+def _padded_bytes(shape: tuple[int, ...], dtype: Any) -> int:
+    """Bytes of a VMEM buffer: the two minor dims padded to the (sublanes, 128) tile."""
+    *major, rows, cols = (1, *shape) if len(shape) == 1 else shape
+    size = round_up(rows, sublanes(dtype)) * round_up(cols, 128) * jnp.dtype(dtype).itemsize
+    return int(np.prod(major, dtype=np.int64)) * size
+
+
+def _describe(blocks: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in blocks.items())
+
+
+def check_tpu_vmem(
+    kernel: str,
+    blocks: dict[str, int],
+    buffers: list[tuple[tuple[int, ...], Any, tuple[int, ...]]],
+    scratch: list[tuple[tuple[int, ...], Any]],
+    interpret: bool,
+) -> None:
+    """Refuse blocks whose VMEM *lower bound* exceeds the scoped VMEM limit.
+
+    The bound counts what Mosaic must allocate before any temporary: every pipelined
+    block (``buffers``: ``(block shape, dtype, array shape)`` of inputs and outputs)
+    twice (double buffering) -- once when the block is the whole array (its index never
+    changes: measured, such a block is not double-buffered) -- plus the scratch, each
+    padded to the vector tile. The compiler's temporaries (about one float32 tile) come
+    on top, so a configuration under the bound may still be refused by the compiler; one
+    over it never compiles.
+    """
+    lim = None if interpret else limits("tpu")
+    if lim is None:
+        return
+    need = sum(
+        (1 if tuple(s) == tuple(full) else 2) * _padded_bytes(s, d) for s, d, full in buffers
+    )
+    need += sum(_padded_bytes(s, d) for s, d in scratch)
+    if need > lim.vmem:
+        raise ValueError(
+            f"{kernel}: blocks ({_describe(blocks)}) need at least {need / MIB:.2f} MiB of "
+            f"TPU VMEM (double-buffered blocks plus scratch), above the {lim.vmem / MIB:.0f} "
+            f"MiB scoped VMEM limit of {lim.name}. Use smaller blocks (or None)."
+        )
+
+
+def check_triton(
+    kernel: str, blocks: dict[str, int], tiles: list[tuple[int, ...]], interpret: bool
+) -> None:
+    """Refuse tiles Triton rejects: more than 2^20 elements per tensor.
+
+    (The shared memory of pipelined matmul tiles is checked by the GPU linear
+    cross-entropy itself, when it is lowered for CUDA.)
+    """
+    lim = None if interpret else limits("gpu")
+    if lim is None:
+        return
+    for tile in tiles:
+        if int(np.prod(tile)) > TRITON_MAX_ELEMENTS:
+            raise ValueError(
+                f"{kernel}: blocks ({_describe(blocks)}) make a {tile[0]}x{tile[1]} tile of "
+                f"{int(np.prod(tile))} elements; Triton allows at most {TRITON_MAX_ELEMENTS} "
+                "(2^20) elements per tensor. Use smaller blocks (or None)."
+            )
+
+
 # --------------------------------------------------------------------------- dispatch
 
 

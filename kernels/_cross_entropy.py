@@ -121,6 +121,14 @@ def _fwd_tpu(logits, labels, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.tpu_row_blocks(n, c, logits.dtype, block_rows, block_cols)
     acc = num.acc_dtype(logits.dtype)
+    row, tile = ((br, 1), acc, (n, 1)), ((br, bc), logits.dtype, (n, c))
+    cm.check_tpu_vmem(
+        "cross_entropy (forward)",
+        dict(block_rows=br, block_cols=bc),
+        [tile, ((br, 1), jnp.int32, (n, 1)), row, row],
+        [row[:2]] * 4,
+        interpret,
+    )
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel_tpu, opts=opts, block_cols=bc),
@@ -138,6 +146,14 @@ def _fwd_tpu(logits, labels, *, opts, block_rows, block_cols, interpret):
 def _bwd_tpu(logits, labels, lse, g, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.tpu_row_blocks(n, c, logits.dtype, block_rows, block_cols)
+    row, tile = ((br, 1), lse.dtype, (n, 1)), ((br, bc), logits.dtype, (n, c))
+    cm.check_tpu_vmem(
+        "cross_entropy (backward)",
+        dict(block_rows=br, block_cols=bc),
+        [tile, ((br, 1), jnp.int32, (n, 1)), row, row, tile],
+        [],
+        interpret,
+    )
     row_spec = pl.BlockSpec((br, 1), lambda i, j: (i, 0))
     tile_spec = pl.BlockSpec((br, bc), lambda i, j: (i, j))
     return pl.pallas_call(
@@ -155,6 +171,7 @@ def _bwd_tpu(logits, labels, lse, g, *, opts, block_rows, block_cols, interpret)
 def _fwd_gpu(logits, labels, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.gpu_row_blocks(n, c, block_rows, block_cols)
+    cm.check_triton("cross_entropy", dict(block_rows=br, block_cols=bc), [(br, bc)], interpret)
     acc = num.acc_dtype(logits.dtype)
     return pl.pallas_call(
         functools.partial(
@@ -171,6 +188,7 @@ def _fwd_gpu(logits, labels, *, opts, block_rows, block_cols, interpret):
 def _bwd_gpu(logits, labels, lse, g, *, opts, block_rows, block_cols, interpret):
     n, c = logits.shape
     br, bc = cm.gpu_row_blocks(n, c, block_rows, block_cols)
+    cm.check_triton("cross_entropy", dict(block_rows=br, block_cols=bc), [(br, bc)], interpret)
     return pl.pallas_call(
         functools.partial(_bwd_kernel_gpu, opts=opts, n_rows=n, block_rows=br, block_cols=bc),
         grid=(cm.cdiv(n, br), cm.cdiv(c, bc)),
@@ -255,6 +273,10 @@ def cross_entropy(
       block_rows: rows per tile; see :func:`jsoftmax.kernels.softmax`.
       block_cols: columns per tile; see :func:`jsoftmax.kernels.softmax`.
       interpret: see :func:`jsoftmax.kernels.softmax`.
+
+    Block overrides that a device compiler would reject raise ``ValueError`` before it
+    runs; see :func:`jsoftmax.kernels.softmax` for the limits and how the target is
+    chosen.
 
     Returns:
       ``(rows,)`` float32 per-row loss (float64 for float64 logits): 0 where

@@ -262,6 +262,26 @@ def _tpu_blocks(st: _Options, itemsize: int, cfg: cm.Config) -> tuple[int, int]:
     return br, bv
 
 
+def _tpu_check(kernel: str, st: _Options, br: int, bv: int, hidden, weight, bias, interpret):
+    """VMEM lower bound of one of the three Mosaic kernels (see ``cm.check_tpu_vmem``)."""
+    n, d, v, f32 = st.n_rows, st.hidden, st.loss.n_classes, jnp.float32
+    w_block = ((bv, d), weight.dtype, (v, d)) if st.vocab_major else ((d, bv), weight.dtype, (d, v))
+    b_block = ((1, bv), None if bias is None else bias.dtype, (1, v))
+    row = ((br, 1), f32, (n, 1))
+    ins = [((br, d), hidden.dtype, (n, d)), w_block, ((br, 1), jnp.int32, (n, 1))]
+    ins += [b_block] if st.has_bias else []
+    if kernel == "forward":
+        buffers, scratch = ins + [row, row], [row[:2]] * 4
+    elif kernel == "d_hidden":
+        buffers = ins + [row, row, ((br, d), hidden.dtype, (n, d))]
+        scratch = [((br, d), f32)]
+    else:
+        buffers = ins + [row, row, w_block] + ([b_block] if st.has_bias else [])
+        scratch = [(w_block[0], f32)] + ([((1, bv), f32)] if st.has_bias else [])
+    blocks = dict(block_rows=br, block_cols=bv, hidden=d)
+    cm.check_tpu_vmem(f"linear_cross_entropy ({kernel})", blocks, buffers, scratch, interpret)
+
+
 def _operands(hidden, weight, bias, st: _Options):
     return [hidden, weight] + ([bias.reshape(1, -1)] if st.has_bias else [])
 
@@ -285,6 +305,7 @@ def _tpu_specs(st: _Options, br: int, bv: int, vocab_first: bool):
 
 def _fwd_tpu(hidden, weight, bias, labels, *, st, cfg, interpret):
     br, bv = _tpu_blocks(st, max(hidden.dtype.itemsize, weight.dtype.itemsize), cfg)
+    _tpu_check("forward", st, br, bv, hidden, weight, bias, interpret)
     specs, row_spec = _tpu_specs(st, br, bv, vocab_first=False)
     return pl.pallas_call(
         functools.partial(_fwd_kernel_tpu, st=st, block_cols=bv),
@@ -301,6 +322,7 @@ def _fwd_tpu(hidden, weight, bias, labels, *, st, cfg, interpret):
 
 def _dh_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
     br, bv = _tpu_blocks(st, max(hidden.dtype.itemsize, weight.dtype.itemsize), cfg)
+    _tpu_check("d_hidden", st, br, bv, hidden, weight, bias, interpret)
     specs, row_spec = _tpu_specs(st, br, bv, vocab_first=False)
     return pl.pallas_call(
         functools.partial(_dh_kernel_tpu, st=st, block_rows=br, block_cols=bv),
@@ -317,6 +339,7 @@ def _dh_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
 
 def _dw_tpu(hidden, weight, bias, labels, lse, g, *, st, cfg, interpret):
     br, bv = _tpu_blocks(st, max(hidden.dtype.itemsize, weight.dtype.itemsize), cfg)
+    _tpu_check("d_weight", st, br, bv, hidden, weight, bias, interpret)
     specs, row_spec = _tpu_specs(st, br, bv, vocab_first=True)
     if st.vocab_major:
         dw_spec = pl.BlockSpec((bv, st.hidden), lambda j, i: (j, 0))
@@ -509,6 +532,15 @@ def linear_cross_entropy(
       block_d: hidden-dimension tile of the GPU's block-sparse gradient matmuls (the TPU
         kernels keep the whole hidden dimension in VMEM and ignore it).
       interpret: see :func:`jsoftmax.kernels.softmax`.
+
+    Block overrides that a device compiler would reject raise ``ValueError`` before it
+    runs: on TPU, blocks (the whole hidden dimension per block) whose double buffers and
+    accumulators exceed the scoped VMEM (see :func:`jsoftmax.kernels.softmax` for how the
+    target is chosen); on GPU, when the program is lowered for CUDA/ROCm, a gradient tile
+    above Triton's 2^20 elements per tensor, or block-sparse matmul tiles whose two
+    pipeline stages exceed the 166912 bytes of shared memory per block of an A100 (the
+    smaller supported GPU). The GPU check happens at lowering because the same block
+    keywords size the TPU tiles, which have other limits.
 
     Returns:
       float32: ``(N,)`` per-row losses for ``"none"`` (0 at ``ignore_index`` rows), else a

@@ -74,9 +74,11 @@ GEMM_STAGES = 2
 # that a chunk launches at least this many programs (a few waves on 108-132 SMs).
 STATS_TILE = (16, 1024)
 STATS_MIN_PROGRAMS = 512
-# Limits checked before the compiler sees a block-size override.
-TRITON_MAX_ELEMENTS = 2**20  # Triton: elements per tensor
-SMEM_LIMIT_BYTES = 166912  # A100 (sm_80) shared memory per block with opt-in; H100 has more
+# Limits checked before the compiler sees a block-size override (kernels/_common.py):
+# Triton's elements per tensor, and the shared memory per block of the smaller supported
+# GPU (A100), since the target is only known when the program is compiled.
+TRITON_MAX_ELEMENTS = cm.TRITON_MAX_ELEMENTS
+SMEM_LIMIT_BYTES = cm.GPU_MOST_RESTRICTIVE.shared_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +97,24 @@ class Plan:
 
 
 def _smem_bytes(br: int, bv: int, bd: int, itemsize: int) -> int:
-    """Shared memory of the block-sparse matmuls: their operand tiles, per pipeline stage."""
-    return GEMM_STAGES * max(br * bv + bv * bd, br * bd + br * bv) * itemsize
+    """Shared memory of the block-sparse matmuls: the larger one's two operand tiles.
+
+    Measured against the compiler (A100 target, bf16 and float32): the request is exactly
+    this, e.g. 196608 bytes for (128, 256, 256) bf16 or (128, 256, 64) float32, and every
+    configuration at or under the limit compiled.
+    """
+    return max(br * bv + bv * bd, br * bd + br * bv) * itemsize
 
 
 def blocks_problem(br: int, bv: int, bd: int, itemsize: int) -> str | None:
-    """Why a tile configuration cannot compile on the GPU (the limit it breaks), or None."""
+    """Why a tile configuration cannot compile on the GPU (the limit it breaks), or None.
+
+    The limits are ``kernels._common.limits("gpu")``'s: the device's own on a GPU host,
+    the most restrictive supported GPU (A100) on a host without one.
+    """
+    lim = cm.limits("gpu")
+    if lim is None:
+        return None
     for name, elems in (
         ("block_rows x block_cols", br * bv),
         ("block_cols x block_d", bv * bd),
@@ -112,12 +126,11 @@ def blocks_problem(br: int, bv: int, bd: int, itemsize: int) -> str | None:
                 f"limit of {TRITON_MAX_ELEMENTS} (2**20) elements per tensor."
             )
     smem = _smem_bytes(br, bv, bd, itemsize)
-    if smem > SMEM_LIMIT_BYTES:
+    if smem > lim.shared_memory:
         return (
             f"GPU linear_cross_entropy tiles (block_rows={br}, block_cols={bv}, "
-            f"block_d={bd}) need {smem} bytes of shared memory for the gradient matmuls "
-            f"({GEMM_STAGES} stages), above the {SMEM_LIMIT_BYTES}-byte per-block limit of "
-            "A100 (the smaller of the supported GPUs)."
+            f"block_d={bd}) need {smem} bytes of shared memory for the gradient matmuls, "
+            f"above the {lim.shared_memory}-byte per-block limit of {lim.name}."
         )
     return None
 
@@ -147,7 +160,7 @@ def plan(st: Any, cfg: cm.Config, itemsize: int) -> Plan:
     bv = cm.gpu_block(v, cfg.block_cols, GPU_TILES[1], minimum=16)
     bd = cm.gpu_block(d, cfg.block_d, GPU_TILES[2], minimum=16)
     if cfg.block_d is None:
-        # The default hidden tile shrinks until the matmuls' stages fit (float32, or
+        # The default hidden tile shrinks until the matmuls' operand tiles fit (float32, or
         # larger row / vocabulary tiles).
         while bd > 16 and _smem_bytes(br, bv, bd, itemsize) > SMEM_LIMIT_BYTES:
             bd //= 2

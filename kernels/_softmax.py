@@ -203,6 +203,13 @@ def _tpu_call(kernel, inputs, out_dtype, n_scratch, *, block_rows, block_cols, i
     n_col_blocks = cm.cdiv(c, bc)
     phases = 1 if n_col_blocks == 1 else 2
     acc = num.acc_dtype(inputs[0].dtype)
+    cm.check_tpu_vmem(
+        "softmax",
+        dict(block_rows=br, block_cols=bc),
+        [((br, bc), x.dtype, (n, c)) for x in inputs] + [((br, bc), out_dtype, (n, c))],
+        [((br, 1), acc)] * n_scratch,
+        interpret,
+    )
     return pl.pallas_call(
         functools.partial(kernel, n_cols=c, block_cols=bc),
         grid=(cm.cdiv(n, br), phases, n_col_blocks),
@@ -219,6 +226,7 @@ def _tpu_call(kernel, inputs, out_dtype, n_scratch, *, block_rows, block_cols, i
 def _gpu_call(kernel, inputs, out_dtype, *, block_rows, block_cols, interpret):
     n, c = inputs[0].shape
     br, bc = cm.gpu_row_blocks(n, c, block_rows, block_cols)
+    cm.check_triton("softmax", dict(block_rows=br, block_cols=bc), [(br, bc)], interpret)
     return pl.pallas_call(
         functools.partial(
             kernel,
@@ -331,6 +339,17 @@ def softmax(
         and 8192 on GPU). Multiple of 128 on TPU, power of two on GPU.
       interpret: ``None``: compiled on GPU/TPU, Pallas interpreter on CPU (chosen at
         lowering time per platform). ``True``: always the interpreter.
+
+    Block sizes: the defaults compile for every target of the compile matrix (H100,
+    A100, TPU v4/v5e/v5p/v6e). An override the device compiler would reject raises
+    ``ValueError`` naming the limit, before the compiler runs: a Triton tile above 2^20
+    elements; TPU blocks whose double buffers and scratch alone exceed the scoped VMEM
+    (16 MiB on v4/v5e/v5p, 32 MiB on v6e; the compiler's temporaries come on top, so it
+    may still refuse blocks close to the limit). Alignment is never an error: sizes are
+    rounded up as described above. The generation is not known at trace time on every
+    path, so the check uses the device's limits when running on a TPU/GPU, and the most
+    restrictive supported target of each backend on a host without one (the program may
+    be lowered for any); the other accelerator's kernel is not checked on a GPU/TPU host.
 
     Returns:
       The probabilities, same shape and dtype as ``x`` (float32 accumulation).

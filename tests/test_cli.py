@@ -262,7 +262,9 @@ def test_kernel_mode():
 
 
 def test_doctor():
-    proc = run_cli("doctor")
+    # The compile matrix part (real compilers, needs the [aot] extra) is tested under the
+    # `aot` marker (tests/test_aot.py); here the rest of the report.
+    proc = run_cli("doctor", "--no-compile")
     out = proc.stdout
     assert "jax / jaxlib" in out and "backend" in out and "cpu" in out
     assert "interpreted" in out
@@ -271,3 +273,12 @@ def test_doctor():
     assert header.split() == ["kernel", "direction", "cuda", "tpu"]
     assert "FAIL" not in out
     assert " lowerings ok in " in out
+
+
+def test_doctor_says_how_to_get_the_compile_matrix(monkeypatch, capsys):
+    from jsoftmax.kernels import _aot
+
+    monkeypatch.setattr(_aot, "missing", lambda platform=None: "libtpu not installed; hint")
+    assert _doctor.compile_matrix() is True
+    out = capsys.readouterr().out
+    assert "Compile matrix (real GPU/TPU compilers): not available: libtpu not installed" in out

@@ -165,7 +165,7 @@ def test_labels_are_widened_before_comparison():
     # uint8 labels compared with ignore_index=-100 would wrap around; every loss widens.
     y8 = jnp.array([0, 2], jnp.uint8)
     assert check.widen_labels(y8).dtype == jnp.int32
-    assert check.widen_labels(jnp.array([1], jnp.int64)).dtype == jnp.array([1], jnp.int64).dtype
+    assert check.widen_labels(jnp.array([1], jnp.int32)).dtype == jnp.int32
     x = jnp.array([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0]])
     np.testing.assert_allclose(
         jsm.cross_entropy(x, y8), jsm.cross_entropy(x, y8.astype(jnp.int32)), rtol=1e-6
