@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 
 from jsoftmax import _numerics as num
+from jsoftmax._compat import plgpu
 
 BACKENDS = ("tpu", "gpu")
 
