@@ -1,10 +1,11 @@
 """jsoftmax: numerically stable softmax, log-softmax, logsumexp and cross-entropy for JAX.
 
 Every function here is pure and works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
-See ``README.md`` for a tour and ``../shared/SPEC.md`` for the contract.
+See ``README.md`` for a tour and the documentation under ``docs/`` for the user guide and
+the API reference.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # --- softmax family (jsoftmax/_softmax.py)
 from jsoftmax._softmax import hardmax as hardmax
@@ -20,11 +21,14 @@ from jsoftmax._losses import class_weights as class_weights
 from jsoftmax._losses import cross_entropy as cross_entropy
 from jsoftmax._losses import focal_loss as focal_loss
 from jsoftmax._losses import logit_adjust as logit_adjust
+from jsoftmax._losses import loss_denominator as loss_denominator
 from jsoftmax._losses import nll_loss as nll_loss
 # --- end losses
 
 # --- large vocabularies (jsoftmax/_large_vocab.py)
+from jsoftmax._large_vocab import SoftmaxStats as SoftmaxStats
 from jsoftmax._large_vocab import linear_cross_entropy as linear_cross_entropy
+from jsoftmax._large_vocab import linear_softmax_stats as linear_softmax_stats
 # --- end large vocabularies
 
 # --- calibration and open-set recognition (jsoftmax/_calibration.py)

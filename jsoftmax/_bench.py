@@ -17,7 +17,10 @@ Rows:
 * ``linear_cross_entropy`` ``value_and_grad`` w.r.t. hidden and weight against
   ``h @ W`` followed by the optax loss, ``N=2048, D=512, V=65536`` float32;
 * the same at ``N=8192, D=1024, V=131072`` with bfloat16 hidden and weight: compiled
-  temporary memory only (lowered and compiled, never run).
+  temporary memory only (lowered and compiled, never run);
+* ``linear_softmax_stats``: ``value_and_grad`` w.r.t. hidden and weight of the RL-style
+  objective ``Σ log p(y) + 0.01·Σ H`` against the same from materialised ``h @ W``
+  (``jax.nn.log_softmax``), at the linear cross-entropy row's shape.
 
 ``--quick`` uses smaller shapes and 5 pairs (under a minute on 2 cores); its rows are
 labelled "quick" and do not stand in for the PERF.md numbers.
@@ -224,6 +227,43 @@ def _linear_ce_big_case(sizes: Sizes) -> Case:
     )
 
 
+def _rl_objective(label_logprob, entropy):
+    return jnp.sum(label_logprob) + 0.01 * jnp.sum(entropy)
+
+
+def _naive_softmax_stats_objective(h, w, y):
+    logp = jax.nn.log_softmax((h @ w).astype(jnp.float32), axis=-1)
+    label_logprob = jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return _rl_objective(label_logprob, entropy)
+
+
+def _linear_stats_case(sizes: Sizes) -> Case:
+    n, d, v = sizes.lce
+
+    def build():
+        stats = getattr(jsm, "linear_softmax_stats", None)
+        if stats is None:
+            return None
+
+        def objective(h, w, y):
+            s = stats(h, w, y)
+            return _rl_objective(s.label_logprob, s.entropy)
+
+        ours = jax.value_and_grad(objective, argnums=(0, 1))
+        base = jax.value_and_grad(_naive_softmax_stats_objective, argnums=(0, 1))
+        return ours, base, _lce_inputs(n, d, v, jnp.float32, 3)
+
+    return Case(
+        "linear_softmax_stats v&g (h, W)",
+        f"N={n} D={d} V={v} f32",
+        "h @ W, log_softmax: Σ log p_y + 0.01 Σ H",
+        "temp <= 1/8x, time <= 1.2x",
+        build,
+        check=lambda r: r.cand_temp * 8 <= r.base_temp and r.time_ratio <= 1.2,
+    )
+
+
 def cases(sizes: Sizes) -> list[Case]:
     """The benchmark rows for one mode, in table order."""
     return [
@@ -232,6 +272,7 @@ def cases(sizes: Sizes) -> list[Case]:
         _cross_entropy_case(sizes),
         _linear_ce_case(sizes),
         _linear_ce_big_case(sizes),
+        _linear_stats_case(sizes),
     ]
 
 

@@ -29,6 +29,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
 from jsoftmax import _softmax as sm
+from jsoftmax import _validate as check
 
 SCORES = ("msp", "energy")
 
@@ -44,12 +45,9 @@ def _check_logits_labels(
     logits: ArrayLike, labels: ArrayLike, axis: int
 ) -> tuple[jax.Array, jax.Array, int]:
     """Float logits with a class axis, integer labels of the logits' shape without it."""
-    logits = num.as_float(logits, "logits")
-    if logits.ndim < 1:
-        raise ValueError(f"`logits` must have a class axis, got a scalar of shape {logits.shape}.")
-    a = num.single_axis(axis, logits.ndim)
+    logits, a = check.logits(logits, axis)
     batch_shape = logits.shape[:a] + logits.shape[a + 1 :]
-    labels = num.check_integer_labels(labels, batch_shape)
+    labels = check.integer_labels(labels, batch_shape)
     return logits, labels, a
 
 
@@ -72,24 +70,6 @@ def _flat_labels(logits, labels, axis, ignore_index):
     valid = counted & in_range & (lp_y > -jnp.inf)
     bad = jnp.any(counted & ~valid)
     return valid, bad, x, y_safe
-
-
-def _check_ignore_index(ignore_index: int) -> int:
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
-        ignore_index, (int, np.integer)
-    ):
-        raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}.")
-    return int(ignore_index)
-
-
-def _check_n_bins(n_bins: int) -> int:
-    if isinstance(n_bins, (bool, np.bool_)) or not isinstance(n_bins, (int, np.integer)):
-        raise TypeError(
-            f"`n_bins` must be a Python int (it fixes the output shape), got {n_bins!r}."
-        )
-    if n_bins < 1:
-        raise ValueError(f"`n_bins` must be >= 1, got {n_bins}.")
-    return int(n_bins)
 
 
 # ------------------------------------------------------------------ temperature fit
@@ -160,21 +140,17 @@ def fit_temperature(
       https://arxiv.org/abs/1706.04599
     """
     logits, labels, a = _check_logits_labels(logits, labels, axis)
-    if isinstance(max_iter, (bool, np.bool_)) or not isinstance(max_iter, (int, np.integer)):
-        raise TypeError(f"`max_iter` must be a Python int, got {max_iter!r}.")
-    if max_iter < 1:
-        raise ValueError(f"`max_iter` must be >= 1, got {max_iter}.")
+    max_iter = check.static_int(max_iter, "max_iter", minimum=1)
     t_min, t_max = (float(b) for b in bounds)
     if not 0 < t_min < t_max < math.inf:
         raise ValueError(f"`bounds` must satisfy 0 < T_min < T_max < inf, got {bounds}.")
-    if isinstance(init, (int, float, np.integer, np.floating)) and not isinstance(init, bool):
-        if not init > 0:
-            raise ValueError(f"`init` must be > 0, got {init}.")
+    if check.is_static_number(init):
+        check.static_number(init, "init", lo=0.0, lo_open=True)
     init = jnp.asarray(init)
     if init.ndim != 0:
         raise ValueError(f"`init` must be a scalar, got shape {init.shape}.")
 
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check.ignore_index(ignore_index)
     return _fit_temperature(logits, labels, init, a, ignore_index, int(max_iter), t_min, t_max)
 
 
@@ -310,8 +286,8 @@ def expected_calibration_error(
       Binning", AAAI 2015.
     """
     logits, labels, a = _check_logits_labels(logits, labels, axis)
-    n_bins = _check_n_bins(n_bins)
-    return _expected_calibration_error(logits, labels, a, n_bins, _check_ignore_index(ignore_index))
+    n_bins = check.static_int(n_bins, "n_bins", minimum=1)
+    return _expected_calibration_error(logits, labels, a, n_bins, check.ignore_index(ignore_index))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -371,7 +347,7 @@ def reliability_diagram(
       DeGroot, Fienberg. "The Comparison and Evaluation of Forecasters", 1983.
     """
     logits, labels, a = _check_logits_labels(logits, labels, axis)
-    n_bins = _check_n_bins(n_bins)
+    n_bins = check.static_int(n_bins, "n_bins", minimum=1)
     try:
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - exercised by a test that hides matplotlib
@@ -380,7 +356,7 @@ def reliability_diagram(
             "install it with `pip install 'jsoftmax[plot]'`."
         ) from e
 
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check.ignore_index(ignore_index)
     stats = _bin_statistics_jit(logits, labels, a, n_bins, ignore_index)
     count, acc_sum, conf_sum, bad = (np.asarray(v, dtype=np.float64) for v in stats)
     total = max(count.sum(), 1.0)
@@ -444,10 +420,7 @@ def max_softmax_probability(
       Hendrycks, Gimpel. "A Baseline for Detecting Misclassified and Out-of-Distribution
       Examples in Neural Networks", ICLR 2017. https://arxiv.org/abs/1610.02136
     """
-    logits = num.as_float(logits, "logits")
-    if logits.ndim < 1:
-        raise ValueError(f"`logits` must have a class axis, got a scalar of shape {logits.shape}.")
-    a = num.single_axis(axis, logits.ndim)
+    logits, a = check.logits(logits, axis)
     return jnp.max(sm.softmax(logits, axis=a, temperature=temperature), axis=a)
 
 
@@ -480,11 +453,8 @@ def energy_score(logits: ArrayLike, *, temperature: ArrayLike = 1.0, axis: int =
       Liu, Wang, Owens, Li. "Energy-based Out-of-distribution Detection", NeurIPS 2020.
       https://arxiv.org/abs/2010.03759
     """
-    logits = num.as_float(logits, "logits")
-    if logits.ndim < 1:
-        raise ValueError(f"`logits` must have a class axis, got a scalar of shape {logits.shape}.")
-    a = num.single_axis(axis, logits.ndim)
-    t = num.check_temperature(temperature)
+    logits, a = check.logits(logits, axis)
+    t = check.temperature(temperature)
     if t is None:
         return -sm.logsumexp(logits, axis=a)
     x = num.upcast(logits)
@@ -554,18 +524,15 @@ def predict_with_rejection(
       Liu, Wang, Owens, Li. "Energy-based Out-of-distribution Detection", NeurIPS 2020.
       https://arxiv.org/abs/2010.03759
     """
-    if score not in SCORES:
-        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}.")
-    logits = num.as_float(logits, "logits")
-    if logits.ndim < 1:
-        raise ValueError(f"`logits` must have a class axis, got a scalar of shape {logits.shape}.")
-    a = num.single_axis(axis, logits.ndim)
+    check.choice(score, "score", SCORES)
+    logits, a = check.logits(logits, axis)
     threshold = jnp.asarray(threshold)
     batch_shape = logits.shape[:a] + logits.shape[a + 1 :]
-    num.check_broadcast(threshold, batch_shape, "threshold")
+    check.broadcastable(threshold, batch_shape, "threshold")
     if score == "msp":
         unknown = max_softmax_probability(logits, temperature=temperature, axis=a) < threshold
     else:
         unknown = energy_score(logits, temperature=temperature, axis=a) > threshold
     pred = jnp.argmax(logits, axis=a).astype(jnp.int32)
+    reject_label = check.static_int(reject_label, "reject_label")
     return jnp.where(unknown, jnp.int32(reject_label), pred)

@@ -36,12 +36,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _compat
 from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 from jsoftmax._checks import label_check
 
 _LAYOUTS = ("dv", "vd")
@@ -65,6 +65,11 @@ class _Config:
     need_zw: bool  # whether Σ_c w_c z_c is needed (label smoothing)
     compute_dtype: Any
     acc_dtype: Any
+    # Per-token statistics beyond the loss's (linear_softmax_stats / return_stats):
+    temperature: float = 1.0  # the statistics are of softmax(z / temperature)
+    need_entropy: bool = False
+    need_argmax: bool = False
+    top_k: int = 0
 
     @property
     def vocab_axis(self) -> int:
@@ -174,21 +179,6 @@ def _as_varying(tree, vma):
     return jax.tree.map(cast, tree)
 
 
-def _global_stats(cfg, m, s, zy, zw):
-    """Combine per-shard ``(max, sum-exp, z_y, Σ w z)`` over the vocabulary axis.
-
-    One ``pmax`` for the max, then a single stacked ``psum`` of the rescaled sums and
-    the two additive statistics (only the owning shard has a nonzero ``z_y``).
-    """
-    if cfg.axis_name is None:
-        return m, s, zy, zw
-    m_all = lax.pmax(m, cfg.axis_name)
-    m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-    s = jnp.where(s > 0, s * jnp.exp(jnp.where(s > 0, m - m_safe, 0.0)), 0.0)
-    s, zy, zw = lax.psum(jnp.stack([s, zy, zw]), cfg.axis_name)
-    return m_all, s, zy, zw
-
-
 def _sum_over_copies(ct, primal):
     """Cotangent of ``primal`` from a per-shard partial one, inside ``shard_map``.
 
@@ -206,64 +196,208 @@ def _sum_over_copies(ct, primal):
 
 # ---------------------------------------------- vocabulary schedule (online logsumexp)
 
+# Index of a top-k slot that no vocabulary entry has filled yet: larger than every real
+# index, so that it loses every tie in `_merge_top_k` (value -inf sorts last as well).
+_NO_INDEX = jnp.iinfo(jnp.int32).max
 
-def _stats_forward(cfg, h, w, b, cw, y):
-    """Per-token ``(lse, z_y, Σ_c w_c z_c)`` by an online logsumexp over vocab chunks."""
+
+class _Core(NamedTuple):
+    """Per-token outputs of the chunked core (``None`` where ``_Config`` does not ask).
+
+    With ``u = z / T`` (``z`` the soft-capped logits, ``T = cfg.temperature``):
+    ``lse = log Σ_c exp(u_c)``; ``zy = z_y`` (not divided by ``T``); ``zw = Σ_c w_c z_c``;
+    ``entropy = -Σ_c p_c log p_c`` of ``p = softmax(u)``; ``argmax`` the first index of the
+    row maximum; ``top_z``/``top_i`` the ``top_k`` largest ``z`` (descending, ties by
+    lower index) and their global indices.
+    """
+
+    lse: jax.Array
+    zy: jax.Array | None
+    zw: jax.Array | None
+    entropy: jax.Array | None
+    argmax: jax.Array | None
+    top_z: jax.Array | None
+    top_i: jax.Array | None
+
+
+def _scaled(x, cfg):
+    """``x / T``; the identity when the temperature is the default 1."""
+    return x if cfg.temperature == 1.0 else x / cfg.temperature
+
+
+def _merge_top_k(values, indices, k):
+    """The ``k`` largest ``values`` per row (descending, ties to the lower index)."""
+    neg, idx = lax.sort((-values, indices), dimension=1, num_keys=2)
+    return -neg[:, :k], idx[:, :k]
+
+
+def _rescale(m, m_safe, s, t, cfg):
+    """``(s, t)`` taken from shift ``m`` to shift ``m_safe`` (``m <= m_safe``).
+
+    ``s = Σ exp((z-m)/T)`` scales by ``α = exp((m - m_safe)/T)``; the entropy's
+    ``t = Σ exp((z-m)/T)·(z-m)/T`` becomes ``α·(t + (m - m_safe)/T · s)``. An empty
+    partial sum (``s == 0``, ``m`` maybe ``-inf``) stays exactly 0.
+    """
+    shift = _scaled(jnp.where(s > 0, m - m_safe, 0.0), cfg)
+    alpha = jnp.where(s > 0, jnp.exp(shift), 0.0)
+    if t is not None:
+        t = alpha * (t + shift * s)
+    return alpha * s, t
+
+
+def _global_stats(cfg, m, s, zy, zw, t=None):
+    """Combine per-shard ``(max, sum-exp, z_y, Σ w z, t)`` over the vocabulary axis.
+
+    One ``pmax`` for the max, then a single stacked ``psum`` of the rescaled sums and
+    the additive statistics (only the owning shard has a nonzero ``z_y``).
+    """
+    if cfg.axis_name is None:
+        return m, s, zy, zw, t
+    m_all = lax.pmax(m, cfg.axis_name)
+    m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+    s, t = _rescale(m, m_safe, s, t, cfg)
+    parts = [s, zy, zw] + ([] if t is None else [t])
+    summed = lax.psum(jnp.stack(parts), cfg.axis_name)
+    return m_all, summed[0], summed[1], summed[2], (None if t is None else summed[3])
+
+
+def _gather_over(cfg, *arrays):
+    """Every shard's ``(rows, k)`` candidates side by side: ``(rows, n_shards·k)``.
+
+    Each shard places its block at its own offset in zeros and one ``psum`` adds the
+    blocks (exact: every other term is 0). Unlike ``all_gather``, the sum is typed as
+    the same on every shard, so the result can leave ``shard_map`` replicated.
+    """
+    n_shards = lax.psum(1, cfg.axis_name)  # a Python int: the size of the axis (or axes)
+    index = lax.axis_index(cfg.axis_name)
+    out = []
+    for a in arrays:
+        k = a.shape[1]
+        full = jnp.zeros((a.shape[0], n_shards * k), a.dtype)
+        out.append(lax.dynamic_update_slice_in_dim(full, a, index * k, axis=1))
+    return lax.psum(tuple(out), cfg.axis_name)
+
+
+def _core_forward(cfg, h, w, b, cw, y):
+    """One sweep over the vocabulary chunks: every statistic of ``_Core`` at once."""
     n_rows = h.shape[0]
     v_local = w.shape[cfg.vocab_axis]
     acc = cfg.acc_dtype
-    y_local = y - _shard_offset(cfg, v_local)
+    offset = _shard_offset(cfg, v_local)
+    y_local = None if y is None else y - offset
 
     def body(carry, start, size):
-        m, s, zy, zw = carry
+        m, s, zy, zw, t, am, tz, ti = carry
         z = _tile_logits(
             h, _vocab_slice(w, cfg, start, size), _vocab_slice(b, cfg, start, size), cfg
         )
-        zy = zy + jnp.sum(jnp.where(_label_hits(y_local, start, size), z, 0.0), axis=1)
+        if y is not None:
+            zy = zy + jnp.sum(jnp.where(_label_hits(y_local, start, size), z, 0.0), axis=1)
         if cfg.need_zw:
             cw_c = _vocab_slice(cw, cfg, start, size)
             zw = zw + (jnp.sum(z, axis=1) if cw_c is None else z @ cw_c.astype(acc))
         m_c = jnp.max(z, axis=1)
-        s_c = jnp.sum(jnp.exp(z - jnp.where(jnp.isfinite(m_c), m_c, 0.0)[:, None]), axis=1)
-        m, s = num.online_combine(m, s, m_c, s_c)
-        return m, s, zy, zw
+        if am is not None:
+            # Strictly greater: an equal maximum in a later chunk keeps the first index.
+            first = jnp.argmax(z, axis=1).astype(jnp.int32) + (start + offset)
+            am = jnp.where(m_c > m, first, am)
+        if tz is not None:
+            vz, vi = lax.top_k(z, min(cfg.top_k, size))
+            vi = vi.astype(jnp.int32) + (start + offset)
+            tz, ti = _merge_top_k(
+                jnp.concatenate([tz, vz], axis=1), jnp.concatenate([ti, vi], axis=1), cfg.top_k
+            )
+        m_new = jnp.maximum(m, m_c)
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        s, t = _rescale(m, m_safe, s, t, cfg)
+        d = _scaled(z - m_safe[:, None], cfg)
+        e = jnp.exp(d)
+        s = s + jnp.sum(e, axis=1)
+        if t is not None:
+            # e == 0 where z = -inf (d = -inf): that entry adds nothing, not 0·(-inf).
+            t = t + jnp.sum(jnp.where(e > 0, e * d, 0.0), axis=1)
+        return m_new, s, zy, zw, t, am, tz, ti
 
     zeros = jnp.zeros((n_rows,), acc)
-    init = (jnp.full((n_rows,), -jnp.inf, acc), zeros, zeros, zeros)
-    init = _as_varying(init, _vma(h, w, b, cw, y_local))
-    m, s, zy, zw = _loop(v_local, cfg.chunk, body, init)
-    m, s, zy, zw = _global_stats(cfg, m, s, zy, zw)
-    return num.finish_logsumexp(m, s), zy, zw
+    init = (
+        jnp.full((n_rows,), -jnp.inf, acc),
+        zeros,
+        zeros,
+        zeros,
+        zeros if cfg.need_entropy else None,
+        jnp.zeros((n_rows,), jnp.int32) if cfg.need_argmax else None,
+        jnp.full((n_rows, cfg.top_k), -jnp.inf, acc) if cfg.top_k else None,
+        jnp.full((n_rows, cfg.top_k), _NO_INDEX, jnp.int32) if cfg.top_k else None,
+    )
+    init = _as_varying(init, _vma(h, w, b, cw, y_local, offset))
+    m, s, zy, zw, t, am, tz, ti = _loop(v_local, cfg.chunk, body, init)
+    if cfg.axis_name is not None:
+        m_local = m
+    m, s, zy, zw, t = _global_stats(cfg, m, s, zy, zw, t)
+    if cfg.axis_name is not None:
+        if am is not None:
+            # The first global index among the shards that hold the global maximum.
+            am = lax.pmin(jnp.where(m_local == m, am, _NO_INDEX), cfg.axis_name)
+        if tz is not None:
+            tz, ti = _merge_top_k(*_gather_over(cfg, tz, ti), cfg.top_k)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = jnp.where(s > 0, _scaled(m_safe, cfg) + num.safe_log(s), -jnp.inf)
+    ent = None
+    if t is not None:
+        # H = lse - Σ p u = log s - t/s: both terms >= 0 (t <= 0), so no cancellation.
+        ent = jnp.where(s > 0, num.safe_log(s) - t / jnp.where(s > 0, s, 1.0), 0.0)
+    return _Core(lse, None if y is None else zy, zw if cfg.need_zw else None, ent, am, tz, ti)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _stats(cfg, h, w, b, cw, y):
-    return _stats_forward(cfg, h, w, b, cw, y)
+    return _core_forward(cfg, h, w, b, cw, y)
 
 
 def _stats_fwd(cfg, h, w, b, cw, y):
-    out = _stats_forward(cfg, h, w, b, cw, y)
-    return out, (h, w, b, cw, y, out[0])
+    out = _core_forward(cfg, h, w, b, cw, y)
+    return out, (h, w, b, cw, y, out.lse, out.entropy, out.top_i)
 
 
 def _stats_bwd(cfg, res, cts):
-    h, w, b, cw, y, lse = res
-    g_lse, g_zy, g_zw = cts
+    """One recomputing sweep for every differentiable output together.
+
+    With ``p = softmax(u)``, ``u = z/T``: ``∂lse/∂u = p``, ``∂H/∂u = -p (u - lse + H)``,
+    ``∂z_y/∂z = onehot(y)``, ``∂(Σ w z)/∂z = w``, ``∂top_z/∂z = onehot(top_i)``.
+    """
+    h, w, b, cw, y, lse, ent, top_i = res
     v_local = w.shape[cfg.vocab_axis]
     acc = cfg.acc_dtype
-    y_local = y - _shard_offset(cfg, v_local)
+    offset = _shard_offset(cfg, v_local)
+    y_local = None if y is None else y - offset
+    top_local = None if top_i is None else top_i - offset
+    g_lse = cts.lse
+    # An empty row (lse = -inf) has p = 0 everywhere: shift by 0 so exp gives 0, not NaN.
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    mean_u = None if ent is None else lse_safe - ent  # Σ p u
 
     def body(carry, start, size):
         dh, dw, db, dcw = carry
         w_c = _vocab_slice(w, cfg, start, size)
         z = _tile_logits(h, w_c, _vocab_slice(b, cfg, start, size), cfg)
-        dz = g_lse[:, None] * jnp.exp(z - lse[:, None])
-        dz = dz + jnp.where(_label_hits(y_local, start, size), g_zy[:, None], 0.0)
+        u = _scaled(z, cfg)
+        p = jnp.exp(u - lse_safe[:, None])
+        coef = g_lse[:, None]
+        if ent is not None:
+            coef = coef - cts.entropy[:, None] * jnp.where(p > 0, u - mean_u[:, None], 0.0)
+        dz = _scaled(p * coef, cfg)
+        if y is not None:
+            dz = dz + jnp.where(_label_hits(y_local, start, size), cts.zy[:, None], 0.0)
         if cfg.need_zw:
             cw_c = _vocab_slice(cw, cfg, start, size)
+            g_zw = cts.zw
             dz = dz + (g_zw[:, None] if cw_c is None else g_zw[:, None] * cw_c.astype(acc))
             if dcw is not None:
                 dcw = lax.dynamic_update_slice_in_dim(dcw, (g_zw @ z).astype(dcw.dtype), start, 0)
+        if top_local is not None:
+            cols = start + lax.broadcasted_iota(jnp.int32, (1, size, 1), 1)
+            hits = cols == top_local[:, None, :]
+            dz = dz + jnp.sum(jnp.where(hits, cts.top_z[:, None, :], 0.0), axis=2)
         dz = _softcap_chain(dz, z, cfg)
         dz_c = dz.astype(cfg.compute_dtype)
         dh = dh + _hidden_grad(dz_c, w_c, cfg)
@@ -279,7 +413,8 @@ def _stats_bwd(cfg, res, cts):
         None if b is None else jnp.zeros(b.shape, b.dtype),
         None if cw is None else jnp.zeros(cw.shape, cw.dtype),
     )
-    init = _as_varying(init, _vma(h, w, b, cw, y_local, lse, g_lse, g_zy, g_zw))
+    float_cts = [c for c in (cts.lse, cts.zy, cts.zw, cts.entropy, cts.top_z) if c is not None]
+    init = _as_varying(init, _vma(h, w, b, cw, y_local, lse, ent, top_local, *float_cts))
     dh, dw, db, dcw = _loop(v_local, cfg.chunk, body, init)
     dh = _sum_over_copies(dh, h).astype(h.dtype)
     dw, db, dcw = (_sum_over_copies(c, p) for c, p in ((dw, w), (db, b), (dcw, cw)))
@@ -290,37 +425,6 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 
 
 # ------------------------------------------------------------------- public function
-
-
-def _check_scalar(value, name, *, low, high=None, none_ok=False):
-    if value is None and none_ok:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"`{name}` must be a Python number, got {type(value).__name__}.")
-    value = float(value)
-    ok = value > low if none_ok else value >= low
-    if not ok or (high is not None and value > high) or not math.isfinite(value):
-        bound = (
-            f"> {low}" if none_ok else f"in [{low}, {high}]" if high is not None else f">= {low}"
-        )
-        raise ValueError(f"`{name}` must be {bound}, got {value}.")
-    return value
-
-
-def _per_vocab(arr, name, lengths):
-    if arr is None:
-        return None
-    arr = num.as_float(arr, name)
-    if arr.ndim != 1 or arr.shape[0] not in lengths:
-        expected = " or ".join(f"({n},)" for n in sorted(set(lengths)))
-        raise ValueError(
-            f"`{name}` has shape {arr.shape}; expected {expected} for a weight of "
-            "vocabulary size (per shard) "
-            f"{lengths[0]}."
-        )
-    return arr
 
 
 def _default_chunk(n_rows: int, v_local: int) -> int:
@@ -339,7 +443,7 @@ def _label_weights(cw, y, keep, cfg):
     return lax.psum(w_y, cfg.axis_name)
 
 
-def _pallas_unsupported(axis_name, return_lse, has_class_weight, label_smoothing, dtypes):
+def _pallas_unsupported(axis_name, return_lse, has_weight, label_smoothing, dtypes, stats=False):
     """Why the Pallas kernel cannot serve this call (``None`` when it can)."""
     if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
         return "float64 inputs (the kernels compute in float32)"
@@ -347,9 +451,11 @@ def _pallas_unsupported(axis_name, return_lse, has_class_weight, label_smoothing
         return "`axis_name` (vocab-parallel) is only implemented by impl='xla'"
     if return_lse:
         return "`return_lse=True` is only implemented by impl='xla'"
-    if has_class_weight and label_smoothing > 0:
+    if stats:
+        return "`return_stats=True` is only implemented by impl='xla'"
+    if has_weight and label_smoothing > 0:
         return (
-            "`class_weight` with `label_smoothing` needs a class-weighted smoothing sum "
+            "`weight` with `label_smoothing` needs a class-weighted smoothing sum "
             "the kernel does not compute"
         )
     return None
@@ -363,29 +469,224 @@ def _have_kernel() -> bool:
     return hasattr(kernels, "linear_cross_entropy")
 
 
+class SoftmaxStats(NamedTuple):
+    r"""Per-token statistics of ``p = softmax(u)`` from :func:`linear_softmax_stats`.
+
+    Every field has the token shape ``hidden.shape[:-1]`` (``top_k`` fields one more
+    axis of length ``top_k``); a field is ``None`` when not asked for (no ``labels``, or
+    ``top_k=0``). Floats are float32 (float64 for float64 inputs).
+
+    Attributes:
+      lse: ``log Σ_c exp(u_c)``. Differentiable.
+      label_logprob: ``log p_y = u_y - lse``; 0 (with zero gradient) where the label is
+        ``ignore_index``; NaN for a label outside ``[0, V)``, with a NaN gradient
+        wherever that value is used. Differentiable.
+      entropy: ``H = -Σ_c p_c log p_c`` in nats. Differentiable.
+      argmax: int32 index of the largest logit (the first one on ties, like
+        ``jnp.argmax``).
+      correct: bool, ``argmax == label``; ``False`` where the label is ignored or bad.
+      topk_logprobs: the ``top_k`` largest ``log p_c``, descending. Differentiable.
+      topk_indices: their int32 class indices (lower index first on ties).
+    """
+
+    lse: jax.Array
+    label_logprob: jax.Array | None
+    entropy: jax.Array
+    argmax: jax.Array
+    correct: jax.Array | None
+    topk_logprobs: jax.Array | None
+    topk_indices: jax.Array | None
+
+
+def _finish_stats(core, cfg, inp):
+    """The public :class:`SoftmaxStats` from the core's raw per-token outputs."""
+    lse = core.lse
+    label_logprob = correct = None
+    if inp.y is not None:
+        # A bad label: NaN value, and a NaN gradient wherever that log-prob is used.
+        lp = _scaled(core.zy, cfg) - _poison_if_used(lse, inp.bad)
+        label_logprob = jnp.where(inp.keep | inp.bad, lp, 0.0)
+        correct = inp.keep & (core.argmax == inp.y)
+    topk_logprobs = None
+    if core.top_z is not None:
+        # A -inf logit (masked by the bias) is log p = -inf, also in an all-masked row.
+        finite = core.top_z > -jnp.inf
+        lp = _scaled(core.top_z, cfg) - jnp.where(finite, lse[:, None], 0.0)
+        topk_logprobs = jnp.where(finite, lp, -jnp.inf)
+    shape = inp.batch_shape
+
+    def token(x, extra=()):
+        return None if x is None else x.reshape(shape + extra)
+
+    k = (cfg.top_k,)
+    return SoftmaxStats(
+        token(lse), token(label_logprob), token(core.entropy), token(core.argmax),
+        token(correct), token(topk_logprobs, k), token(core.top_i, k),
+    )  # fmt: skip
+
+
+def linear_softmax_stats(
+    hidden: ArrayLike,
+    linear_weight: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    weight_layout: str = "dv",
+    linear_bias: ArrayLike | None = None,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    top_k: int = 0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    axis_name: Any = None,
+) -> SoftmaxStats:
+    r"""Per-token softmax statistics of a linear layer, without materialising the logits.
+
+    For the sampler's distribution over the vocabulary, with ``z = c·tanh((h W + b)/c)``
+    (``c = logit_softcap``; plain ``h W + b`` without it) and ``u = z / T``
+    (``T = temperature``, applied after the soft cap, as a sampler does),
+
+    .. math::
+        \mathrm{lse}_i = \log\sum_c e^{u_{ic}}, \qquad
+        \log p_{i y_i} = u_{i y_i} - \mathrm{lse}_i, \qquad
+        H_i = -\sum_c p_{ic}\log p_{ic} = \mathrm{lse}_i - \sum_c p_{ic}\,u_{ic},
+
+    plus the arg-max, whether it equals the label, and the ``top_k`` largest
+    log-probabilities with their indices — all in one sweep over the vocabulary in
+    chunks (an online max / sum-exp that also carries ``Σ_c e^{u_c - m}(u_c - m)`` for
+    the entropy, a running arg-max and a running top-k), so the ``(N, V)`` logits never
+    exist. What reinforcement-learning objectives (GRPO, PPO: ``log π(y)`` of sampled
+    tokens and the policy's entropy), training metrics (accuracy, z-loss monitoring)
+    and top-k distillation need from a language-model head.
+
+    Reverse-mode differentiable in ``hidden``, ``linear_weight`` and ``linear_bias``
+    through ``lse``, ``label_logprob``, ``entropy`` and ``topk_logprobs``, for any
+    cotangents, with one ``custom_vjp`` whose backward pass recomputes the logits chunk
+    by chunk (``∂H/∂u_c = -p_c (\log p_c + H)``); the integer outputs carry none.
+
+    With ``temperature != 1`` the statistics are of ``softmax(z/T)``, so ``lse`` is
+    ``logsumexp(z/T)``, not the cross-entropy's ``logsumexp(z)``;
+    ``linear_cross_entropy(..., return_stats=True)`` returns these statistics at
+    ``T = 1`` from the loss's own sweep.
+
+    Args:
+      hidden: ``(..., D)`` activations, any float dtype.
+      linear_weight: ``(D, V)`` with ``weight_layout="dv"`` or ``(V, D)`` with
+        ``"vd"`` (a tied embedding table), used as is. With ``axis_name``, this
+        device's vocabulary shard.
+      labels: optional integer ids of shape ``hidden.shape[:-1]`` (e.g. the sampled
+        tokens); without them ``label_logprob`` and ``correct`` are ``None``. A label
+        outside ``[0, V)`` that is not ``ignore_index`` gives a NaN ``label_logprob``
+        (and gradient); :func:`jsoftmax.checked` names it instead.
+      weight_layout: ``"dv"`` or ``"vd"``, see ``linear_weight``.
+      linear_bias: optional ``(V,)`` bias (sharded like ``linear_weight``); ``-inf``
+        entries mask vocabulary entries out (probability 0).
+      temperature: ``T > 0``, a Python number (fixed at trace time).
+      logit_softcap: optional ``c > 0`` (Gemma 2), applied before the temperature.
+      top_k: a small Python int ``0 <= top_k <= V``: also return the ``top_k`` largest
+        log-probabilities (of ``p``, not raw logits: what sampling and distillation
+        use) and their indices.
+      ignore_index: label value whose ``label_logprob`` is 0 and ``correct`` False.
+      chunk_size: vocabulary entries per chunk, as in
+        :func:`jsoftmax.linear_cross_entropy`.
+      axis_name: mesh axis (or axes) over which ``linear_weight`` and ``linear_bias``
+        are sharded along the vocabulary, inside ``jax.shard_map``: the statistics are
+        over the whole vocabulary (global arg-max and top-k, entropy from the shards'
+        sums); labels and indices are global.
+
+    Returns:
+      A :class:`jsoftmax.SoftmaxStats` of per-token arrays.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax as jsm
+      >>> h = jnp.array([[1.0, -1.0], [0.5, 2.0]])  # 2 tokens, D = 2
+      >>> w = jnp.array([[1.0, 0.0, -1.0], [0.0, 1.0, 2.0]])  # (D, V), V = 3
+      >>> s = jsm.linear_softmax_stats(h, w, jnp.array([0, 1]), top_k=2)
+      >>> [round(v, 4) for v in s.label_logprob.tolist()]
+      [-0.1429, -1.7413]
+      >>> [round(v, 4) for v in s.entropy.tolist()]
+      [0.4411, 0.6216]
+      >>> s.argmax.tolist(), s.correct.tolist()
+      ([0, 2], [True, False])
+      >>> s.topk_indices.tolist()
+      [[0, 1], [2, 1]]
+      >>> hot = jsm.linear_softmax_stats(h, w, temperature=2.0)  # a sampler's T
+      >>> hot.label_logprob is None, round(float(hot.entropy[0]), 4)
+      (True, 0.8324)
+
+    References:
+      Wijmans et al. 2025, "Cut Your Losses in Large-Vocabulary Language Models",
+      https://arxiv.org/abs/2411.09009 (chunked log-probabilities without logits);
+      Shao et al. 2024, "DeepSeekMath" (GRPO), https://arxiv.org/abs/2402.03300.
+    """
+    check.choice(weight_layout, "weight_layout", _LAYOUTS)
+    statics = _StatsStatics(
+        layout=weight_layout,
+        ignore_index=check.ignore_index(ignore_index),
+        temperature=check.static_number(temperature, "temperature", lo=0.0, lo_open=True),
+        softcap=check.static_number(
+            logit_softcap, "logit_softcap", lo=0.0, lo_open=True, optional=True
+        ),
+        top_k=check.static_int(top_k, "top_k", minimum=0),
+        chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
+        axis_name=_axis(axis_name),
+    )
+    return _linear_softmax_stats(statics, hidden, linear_weight, labels, linear_bias)
+
+
+class _StatsStatics(NamedTuple):
+    layout: str
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+    top_k: int
+    chunk_size: int | None
+    axis_name: Any
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias):
+    inp = _check_inputs(
+        "linear_softmax_stats", hidden, linear_weight, labels, linear_bias, st.layout,
+        st.axis_name, st.ignore_index,
+    )  # fmt: skip
+    if st.top_k > inp.n_vocab:
+        raise ValueError(f"`top_k`={st.top_k} is larger than the vocabulary ({inp.n_vocab}).")
+    cfg = _make_config(
+        inp, st.layout, st.chunk_size, st.softcap, st.axis_name, need_zw=False,
+        temperature=st.temperature, need_entropy=True, need_argmax=True, top_k=st.top_k,
+    )  # fmt: skip
+    h2 = inp.h2.astype(cfg.compute_dtype)
+    core = _stats(cfg, h2, inp.linear_weight, inp.linear_bias, None, inp.y)
+    return _finish_stats(core, cfg, inp)
+
+
 def linear_cross_entropy(
     hidden: ArrayLike,
-    weight: ArrayLike,
+    linear_weight: ArrayLike,
     labels: ArrayLike,
     *,
-    bias: ArrayLike | None = None,
+    linear_bias: ArrayLike | None = None,
     weight_layout: str = "dv",
-    class_weight: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
     sample_weight: ArrayLike | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
     chunk_size: int | None = None,
     impl: str = "auto",
     axis_name: Any = None,
     return_lse: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    return_stats: bool = False,
+    top_k: int = 0,
+) -> jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, SoftmaxStats]:
     r"""Cross-entropy of a linear layer's logits, without materialising the logits.
 
-    Equal to ``cross_entropy(hidden @ weight + bias, labels, ...)``: with logits
-    ``z = c·tanh((h W + b)/c)`` (``c = logit_softcap``; plain ``h W + b`` without it),
+    Equal to ``cross_entropy(hidden @ linear_weight + linear_bias, labels, ...)``: with
+    logits ``z = c·tanh((h W + b)/c)`` (``c = logit_softcap``; plain ``h W + b`` without it),
     ``lse_i = log Σ_c exp(z_ic)`` and per-class weights ``w``,
 
     .. math::
@@ -393,31 +694,31 @@ def linear_cross_entropy(
               + \frac{ε}{V}\sum_c w_c(\mathrm{lse}_i - z_{ic})
               + λ\,w_{y_i}\mathrm{lse}_i^2
 
-    times ``sample_weight_i`` (``w ≡ 1`` without ``class_weight``; the z-loss is weighted
+    times ``sample_weight_i`` (``w ≡ 1`` without ``weight``; the z-loss is weighted
     like the label term, as in :func:`jsoftmax.cross_entropy`), 0 where
     ``labels == ignore_index``; ``"mean"`` divides the sum by ``Σ_i sample_weight_i·w_{y_i}``
     over non-ignored tokens (PyTorch's weighted mean) and is 0.0 (zero gradient) when
     that is 0. The vocabulary is
     processed in tiles with an online logsumexp, so peak memory is a few
     ``(tokens, chunk_size)`` tiles instead of the ``(tokens, V)`` logits and their
-    gradient. Reverse-mode differentiable in ``hidden``, ``weight``, ``bias``,
-    ``class_weight`` and ``sample_weight``, for any cotangent (also per-token ones
-    with ``reduction="none"``).
+    gradient. Reverse-mode differentiable in ``hidden``, ``linear_weight``,
+    ``linear_bias``, ``weight`` and ``sample_weight``, for any cotangent (also per-token
+    ones with ``reduction="none"``). The argument names follow PyTorch 2.13's
+    ``torch.nn.functional.linear_cross_entropy``.
 
     Args:
       hidden: ``(..., D)`` activations, any float dtype.
-      weight: the output projection, ``(D, V)`` (a Flax ``Dense`` kernel) with
+      linear_weight: the output projection, ``(D, V)`` (a Flax ``Dense`` kernel) with
         ``weight_layout="dv"``, or ``(V, D)`` (a tied embedding table) with
         ``weight_layout="vd"`` — used as is, never transposed or copied. With
         ``axis_name``, this device's vocabulary shard.
       labels: integer class ids of shape ``hidden.shape[:-1]``. A label outside
         ``[0, V)`` that is not ``ignore_index`` makes that token's loss (and the
         gradient) NaN; :func:`jsoftmax.checked` names it instead.
-      bias: optional ``(V,)`` bias (sharded like ``weight``).
-      weight_layout: ``"dv"`` or ``"vd"``, see ``weight``.
-      class_weight: optional ``(V,)`` per-class weights, ``cross_entropy``'s
-        ``weight`` argument (renamed here because ``weight`` is the matrix). Under
-        ``axis_name``, this shard's slice or the whole ``(V,)`` vector.
+      linear_bias: optional ``(V,)`` bias (sharded like ``linear_weight``).
+      weight_layout: ``"dv"`` or ``"vd"``, see ``linear_weight``.
+      weight: optional ``(V,)`` per-class weights, as in :func:`jsoftmax.cross_entropy`.
+        Under ``axis_name``, this shard's slice or the whole ``(V,)`` vector.
       sample_weight: optional per-token weights of shape ``labels.shape``,
         multiplied into the numerator and the denominator of ``"mean"``.
       ignore_index: label value that contributes nothing.
@@ -425,23 +726,34 @@ def linear_cross_entropy(
       z_loss: ``λ >= 0``; adds ``λ·w_y·lse²`` per non-ignored token (PaLM).
       logit_softcap: optional ``c > 0``; logits become ``c·tanh(z/c)`` (Gemma 2).
       reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-token, shape of ``labels``).
+      normalizer: optional denominator for ``reduction="mean"`` in place of the local
+        one (see :func:`jsoftmax.cross_entropy` and :func:`jsoftmax.loss_denominator`).
       chunk_size: vocabulary entries per chunk; ``None`` picks one so that a float32
         ``(tokens, chunk_size)`` tile is about 16 MiB. A ``V`` that is not a multiple
         is fine (the last chunk is smaller).
       impl: ``"xla"`` (pure JAX), ``"pallas"`` (``jsoftmax.kernels``) or ``"auto"``
         (``"pallas"`` on TPU when the options allow, else ``"xla"``; on GPU the
         kernel is opt-in, see the README's kernel notes).
-      axis_name: mesh axis name (or tuple of names) over which ``weight`` (and
-        ``bias``, ``class_weight``) are sharded along the vocabulary, inside
+      axis_name: mesh axis name (or tuple of names) over which ``linear_weight`` (and
+        ``linear_bias``, ``weight``) are sharded along the vocabulary, inside
         ``jax.shard_map``; the result is the loss over the whole vocabulary. Labels
         are global class ids.
       return_lse: also return the per-token logsumexp (float32, shape of
         ``labels``), e.g. for monitoring or a custom z-loss.
+      return_stats: also return a :class:`jsoftmax.SoftmaxStats` of per-token
+        statistics (logsumexp, label log-probability, entropy, arg-max, accuracy) of
+        ``softmax(z)``, computed in the same sweep over the vocabulary as the loss (see
+        :func:`jsoftmax.linear_softmax_stats`; here the temperature is 1, so
+        ``stats.lse`` is the loss's own logsumexp and, without options,
+        ``-stats.label_logprob`` the per-token loss). Differentiable like the loss, in
+        the same backward sweep. Not together with ``return_lse`` (``stats.lse`` is it).
+      top_k: with ``return_stats``, also the ``top_k`` largest log-probabilities per
+        token and their indices (a small Python int; 0 for none).
 
     Returns:
       The loss (float32 for half-precision inputs, float64 for float64): a scalar,
       or per-token with ``reduction="none"``; with ``return_lse=True`` a pair
-      ``(loss, lse)``.
+      ``(loss, lse)``; with ``return_stats=True`` a pair ``(loss, stats)``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -462,21 +774,22 @@ def linear_cross_entropy(
       https://arxiv.org/abs/2411.09009 ; Shoeybi et al. 2019, "Megatron-LM",
       https://arxiv.org/abs/1909.08053 (vocab-parallel cross-entropy).
     """
-    if weight_layout not in _LAYOUTS:
-        raise ValueError(f"`weight_layout` must be one of {_LAYOUTS}, got {weight_layout!r}.")
-    if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
-        raise TypeError(f"`ignore_index` must be an int, got {ignore_index!r}.")
-    num.check_reduction(reduction)
-    if impl not in _IMPLS:
-        raise ValueError(f"`impl` must be one of {_IMPLS}, got {impl!r}.")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
-        or chunk_size < 1
-    ):  # fmt: skip
-        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-    eps = _check_scalar(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    dtypes = [jnp.result_type(a) for a in (hidden, weight) if hasattr(a, "dtype")]
-    why_not = _pallas_unsupported(axis_name, return_lse, class_weight is not None, eps, dtypes)
+    check.choice(weight_layout, "weight_layout", _LAYOUTS)
+    check.choice(impl, "impl", _IMPLS)
+    reduction = check.reduction(reduction)
+    eps = check.static_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0)
+    top_k = check.static_int(top_k, "top_k", minimum=0)
+    if return_lse and return_stats:
+        raise ValueError(
+            "`return_lse=True` and `return_stats=True` together: the statistics hold the "
+            "logsumexp as `stats.lse`; pass only `return_stats=True`."
+        )
+    if top_k and not return_stats:
+        raise ValueError("`top_k` selects statistics: it needs `return_stats=True`.")
+    dtypes = [jnp.result_type(a) for a in (hidden, linear_weight) if hasattr(a, "dtype")]
+    why_not = _pallas_unsupported(
+        axis_name, return_lse, weight is not None, eps, dtypes, stats=bool(return_stats)
+    )
     if impl == "pallas" and why_not is not None:
         raise ValueError(f"impl='pallas' does not support this call: {why_not}.")
     if impl == "auto":
@@ -487,19 +800,26 @@ def linear_cross_entropy(
         impl = "pallas" if on_tpu and why_not is None and _have_kernel() else "xla"
     statics = _Statics(
         layout=weight_layout,
-        ignore_index=int(ignore_index),
+        ignore_index=check.ignore_index(ignore_index),
         eps=eps,
-        lam=_check_scalar(z_loss, "z_loss", low=0.0),
-        softcap=_check_scalar(logit_softcap, "logit_softcap", low=0.0, none_ok=True),
+        lam=check.static_number(z_loss, "z_loss", lo=0.0),
+        softcap=check.static_number(
+            logit_softcap, "logit_softcap", lo=0.0, lo_open=True, optional=True
+        ),
         reduction=reduction,
-        chunk_size=None if chunk_size is None else int(chunk_size),
+        chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
         impl=impl,
-        axis_name=tuple(axis_name) if isinstance(axis_name, list) else axis_name,
+        axis_name=_axis(axis_name),
         return_lse=bool(return_lse),
+        return_stats=bool(return_stats),
+        top_k=top_k,
     )
+    normalizer = check.normalizer(normalizer, reduction)
     # Jitted so that eager calls compile the chunk loops once instead of dispatching
     # them op by op; inside an outer jit or shard_map this is inlined.
-    return _linear_cross_entropy(statics, hidden, weight, labels, bias, class_weight, sample_weight)
+    return _linear_cross_entropy(
+        statics, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
+    )
 
 
 class _Statics(NamedTuple):
@@ -515,30 +835,51 @@ class _Statics(NamedTuple):
     impl: str
     axis_name: Any
     return_lse: bool
+    return_stats: bool = False
+    top_k: int = 0
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample_weight):
-    (weight_layout, ignore_index, eps, lam, softcap, reduction, chunk_size, impl, axis_name,
-     return_lse) = st  # fmt: skip
-    hidden = num.as_float(hidden, "hidden")
-    weight = num.as_float(weight, "weight")
+def _axis(axis_name):
+    return tuple(axis_name) if isinstance(axis_name, list) else axis_name
+
+
+class _Inputs(NamedTuple):
+    """Checked, flattened inputs shared by the loss and the statistics."""
+
+    h2: jax.Array  # (n_rows, D), hidden's dtype
+    linear_weight: jax.Array
+    linear_bias: jax.Array | None
+    y: jax.Array | None  # (n_rows,) widened labels
+    keep: jax.Array | None  # valid label in [0, V)
+    bad: jax.Array | None  # not ignore_index and outside [0, V)
+    batch_shape: tuple[int, ...]
+    v_local: int
+    n_vocab: int
+    compute: Any
+    acc: Any
+
+
+def _check_inputs(fn, hidden, linear_weight, labels, linear_bias, layout, axis_name, ignore_index):
+    """Shapes, dtypes, the mesh axis and the labels of a call, checked at trace time."""
+    hidden = check.float_array(hidden, "hidden")
+    linear_weight = check.float_array(linear_weight, "linear_weight")
     if hidden.ndim < 1:
         raise ValueError("`hidden` must have at least one dimension (..., D), got a scalar.")
-    if weight.ndim != 2:
-        raise ValueError(f"`weight` must be 2-D, got shape {weight.shape}.")
+    if linear_weight.ndim != 2:
+        raise ValueError(f"`linear_weight` must be 2-D, got shape {linear_weight.shape}.")
     d_model = hidden.shape[-1]
-    v_local, d_weight = weight.shape[::-1] if weight_layout == "dv" else weight.shape
+    v_local, d_weight = linear_weight.shape[::-1] if layout == "dv" else linear_weight.shape
     if d_weight != d_model:
-        expected = f"({d_model}, V)" if weight_layout == "dv" else f"(V, {d_model})"
+        expected = f"({d_model}, V)" if layout == "dv" else f"(V, {d_model})"
         raise ValueError(
-            f"`weight` of shape {weight.shape} does not match `hidden` of shape "
-            f"{hidden.shape}: expected {expected} for weight_layout={weight_layout!r}."
+            f"`linear_weight` of shape {linear_weight.shape} does not match `hidden` of shape "
+            f"{hidden.shape}: expected {expected} for weight_layout={layout!r}."
         )
     if v_local == 0:
-        raise ValueError(f"`weight` of shape {weight.shape} has an empty vocabulary.")
+        raise ValueError(f"`linear_weight` of shape {linear_weight.shape} has an empty vocabulary.")
     batch_shape = hidden.shape[:-1]
-    labels = num.check_integer_labels(labels, batch_shape)
+    if labels is not None:
+        labels = check.integer_labels(labels, batch_shape)
     n_vocab = v_local
     if axis_name is not None:
         try:
@@ -548,80 +889,101 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
                 f"`axis_name`={axis_name!r} is not a mesh axis of an enclosing "
                 "`jax.shard_map` (vocab-parallel mode needs one)."
             ) from err
-    if axis_name is not None:
         axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-        if not all(a in _vma(weight) for a in axes):
+        if not all(a in _vma(linear_weight) for a in axes):
             raise ValueError(
-                f"`weight` does not vary over `axis_name`={axis_name!r}: vocab-parallel mode "
-                "needs `weight` sharded over the vocabulary on that mesh axis (in_specs), "
-                "inside a `jax.shard_map` with check_vma=True (the default)."
+                f"`linear_weight` does not vary over `axis_name`={axis_name!r}: vocab-parallel "
+                "mode needs `linear_weight` sharded over the vocabulary on that mesh axis "
+                "(in_specs), inside a `jax.shard_map` with check_vma=True (the default)."
             )
-    bias = _per_vocab(bias, "bias", (v_local,))
-    # Under `axis_name` the class weights may be this shard's slice or the whole vector.
-    class_weight = _per_vocab(class_weight, "class_weight", (v_local, n_vocab))
-    if sample_weight is not None:
-        sample_weight = num.as_float(sample_weight, "sample_weight")
-        num.check_broadcast(sample_weight, batch_shape, "sample_weight")
-
+    linear_bias = check.class_vector(linear_bias, v_local, "linear_bias")
     n_rows = math.prod(batch_shape)
-
-    compute = jnp.result_type(hidden.dtype, weight.dtype)
+    compute = jnp.result_type(hidden.dtype, linear_weight.dtype)
     acc = num.acc_dtype(compute)
     h2 = hidden.reshape(n_rows, d_model)
-    y = labels.reshape(n_rows)
-    if y.dtype.itemsize < 4 or jnp.issubdtype(y.dtype, jnp.unsignedinteger):
-        y = y.astype(jnp.int32)  # signed, so that ignore_index = -100 compares correctly
+    y = keep = bad = None
+    if labels is not None:
+        y = check.widen_labels(labels.reshape(n_rows))
+        valid = y != ignore_index
+        bad = valid & ((y < 0) | (y >= n_vocab))
+        keep = valid & ~bad
+        # checkify cannot carry errors out of shard_map.
+        if axis_name is None:
+            label_check(
+                bad.reshape(batch_shape), labels, loss=fn,
+                expected=f"0 <= label < {n_vocab} or label == ignore_index ({ignore_index})",
+            )  # fmt: skip
+    return _Inputs(
+        h2, linear_weight, linear_bias, y, keep, bad, batch_shape, v_local, n_vocab, compute, acc
+    )
+
+
+def _make_config(inp, layout, chunk_size, softcap, axis_name, **stats):
+    n_rows = inp.h2.shape[0]
+    chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, inp.v_local)
+    return _Config(
+        layout=layout,
+        chunk=min(int(chunk), inp.v_local),
+        softcap=softcap,
+        axis_name=axis_name,
+        compute_dtype=jnp.dtype(inp.compute),
+        acc_dtype=jnp.dtype(inp.acc),
+        **stats,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _linear_cross_entropy(
+    st, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
+):
+    (weight_layout, ignore_index, eps, lam, softcap, reduction, chunk_size, impl, axis_name,
+     return_lse, return_stats, top_k) = st  # fmt: skip
+    inp = _check_inputs(
+        "linear_cross_entropy", hidden, linear_weight, labels, linear_bias, weight_layout,
+        axis_name, ignore_index,
+    )  # fmt: skip
+    h2, linear_weight, linear_bias, y, keep, bad, batch_shape, v_local, n_vocab, _, acc = inp
+    if top_k > n_vocab:
+        raise ValueError(f"`top_k`={top_k} is larger than the vocabulary ({n_vocab}).")
+    # Under `axis_name` the class weights may be this shard's slice or the whole vector.
+    weight = check.class_vector(weight, (v_local, n_vocab))
+    sample_weight = check.sample_weight(sample_weight, batch_shape)
+    n_rows = h2.shape[0]
     sw = None
     if sample_weight is not None:
         sw = jnp.broadcast_to(sample_weight, batch_shape).reshape(n_rows).astype(acc)
 
-    valid = y != ignore_index
-    bad = valid & ((y < 0) | (y >= n_vocab))
-    keep = valid & ~bad
-    # checkify cannot carry errors out of shard_map.
-    if axis_name is None:
-        label_check(
-            bad.reshape(batch_shape), labels, loss="linear_cross_entropy",
-            expected=f"0 <= label < {n_vocab} or label == ignore_index ({ignore_index})",
-        )  # fmt: skip
-
     if impl == "pallas":
         return _pallas_route(
-            h2, weight, y, bias, class_weight, sw, keep, bad, batch_shape, weight_layout,
-            ignore_index, eps, lam, softcap, reduction, chunk_size, acc,
+            h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, weight_layout,
+            ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc,
         )  # fmt: skip
 
-    chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, v_local)
-    chunk = min(int(chunk), v_local)
-    cfg = _Config(
-        layout=weight_layout,
-        chunk=chunk,
-        softcap=softcap,
-        axis_name=axis_name,
-        need_zw=eps > 0,
-        compute_dtype=jnp.dtype(compute),
-        acc_dtype=jnp.dtype(acc),
-    )
-    h2 = h2.astype(compute)
+    cfg = _make_config(
+        inp, weight_layout, chunk_size, softcap, axis_name, need_zw=eps > 0,
+        need_entropy=return_stats, need_argmax=return_stats, top_k=top_k,
+    )  # fmt: skip
+    h2 = h2.astype(cfg.compute_dtype)
 
     # l_i = γ_i (lse − z_y) + δ_i (Σ_c w_c lse − Σ_c w_c z_c) + β_i lse²: SPEC §2's formula
     # written with the three per-token statistics of the chunked core.
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y, w_sum = None, float(n_vocab)
-    if class_weight is not None and class_weight.shape[0] == n_vocab:
+    if weight is not None and weight.shape[0] == n_vocab:
         # The whole vector (also under axis_name): w_y and Σ w need no collective.
-        w_y = jnp.where(keep, class_weight[jnp.clip(y, 0, n_vocab - 1)], 0.0).astype(acc)
-        w_sum = jnp.sum(class_weight.astype(acc))
+        w_y = jnp.where(keep, weight[jnp.clip(y, 0, n_vocab - 1)], 0.0).astype(acc)
+        w_sum = jnp.sum(weight.astype(acc))
         if n_vocab != v_local:
             offset = lax.axis_index(axis_name) * v_local
-            class_weight = lax.dynamic_slice_in_dim(class_weight, offset, v_local)
-    elif class_weight is not None:
-        w_y = _label_weights(class_weight, y, keep, cfg)
-        w_sum = lax.psum(jnp.sum(class_weight.astype(acc)), axis_name)
+            weight = lax.dynamic_slice_in_dim(weight, offset, v_local)
+    elif weight is not None:
+        w_y = _label_weights(weight, y, keep, cfg)
+        w_sum = lax.psum(jnp.sum(weight.astype(acc)), axis_name)
     gamma = base * (1.0 - eps) if w_y is None else base * (1.0 - eps) * w_y
     delta = base * (eps / n_vocab)
 
-    lse_out, zy, zw = _stats(cfg, h2, weight, bias, class_weight, y)
+    core = _stats(cfg, h2, linear_weight, linear_bias, weight, y)
+    lse_out, zy, zw = core.lse, core.zy, core.zw
     lse = _poison_cotangent(lse_out, bad)
     per_token = gamma * (lse - zy)
     if cfg.need_zw:
@@ -634,9 +996,11 @@ def _linear_cross_entropy(st, hidden, weight, labels, bias, class_weight, sample
     if reduction == "none":
         loss = per_token.reshape(batch_shape)
     else:
-        loss = _reduce(jnp.sum(per_token), base, w_y, reduction)
+        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer)
     if return_lse:
         return loss, lse_out.reshape(batch_shape)
+    if return_stats:
+        return loss, _finish_stats(core, cfg, inp)
     return loss
 
 
@@ -663,16 +1027,38 @@ def _poison_bwd(bad, ct):
 _poison_cotangent.defvjp(_poison_fwd, _poison_bwd)
 
 
-def _reduce(total, base, w_y, reduction):
+@jax.custom_vjp
+def _poison_if_used(x, bad):
+    """NaN at ``bad`` positions, with a NaN cotangent there where the incoming one is nonzero.
+
+    A caller that uses the NaN value gets a NaN gradient (as from the loss); one that
+    masks the position out of its objective (``jnp.where``) gets the gradient of what
+    it kept.
+    """
+    return jnp.where(bad, jnp.nan, x)
+
+
+def _poison_if_used_fwd(x, bad):
+    return _poison_if_used(x, bad), bad
+
+
+def _poison_if_used_bwd(bad, ct):
+    return jnp.where(bad & (ct != 0), jnp.nan, ct), None
+
+
+_poison_if_used.defvjp(_poison_if_used_fwd, _poison_if_used_bwd)
+
+
+def _reduce(total, base, w_y, reduction, normalizer):
     if reduction == "sum":
         return total
-    den = jnp.sum(base if w_y is None else base * w_y)
-    return jnp.where(den > 0, total / jnp.where(den > 0, den, 1.0), 0.0)
+    den = None if normalizer is not None else jnp.sum(base if w_y is None else base * w_y)
+    return num.mean_of(total, den, normalizer)
 
 
 def _pallas_route(
-    h2, weight, y, bias, class_weight, sw, keep, bad, batch_shape, layout,
-    ignore_index, eps, lam, softcap, reduction, chunk_size, acc,
+    h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, layout,
+    ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc,
 ):  # fmt: skip
     """Per-token losses from ``jsoftmax.kernels``; weights and reduction applied here.
 
@@ -683,17 +1069,18 @@ def _pallas_route(
     from jsoftmax import kernels  # lazily: kernels are optional at import time
 
     per_row = kernels.linear_cross_entropy(
-        h2, weight, y, bias=bias, weight_layout=layout, ignore_index=ignore_index,
+        h2, linear_weight, y, linear_bias=linear_bias, weight_layout=layout,
+        ignore_index=ignore_index,
         label_smoothing=eps, z_loss=lam, logit_softcap=softcap, block_cols=chunk_size,
     ).astype(acc)  # fmt: skip
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y = None
-    if class_weight is not None:
-        w_y = jnp.where(keep, class_weight[jnp.clip(y, 0, class_weight.shape[0] - 1)], 0.0)
+    if weight is not None:
+        w_y = jnp.where(keep, weight[jnp.clip(y, 0, weight.shape[0] - 1)], 0.0)
         w_y = w_y.astype(acc)
     weight_i = base if w_y is None else base * w_y
     per_row = _poison_cotangent(per_row, bad)
     per_token = jnp.where(bad, jnp.nan, jnp.where(keep, per_row * weight_i, 0.0))
     if reduction == "none":
         return per_token.reshape(batch_shape)
-    return _reduce(jnp.sum(per_token), base, w_y, reduction)
+    return _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer)

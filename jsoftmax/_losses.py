@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 from jsoftmax._checks import label_check
 
 IMPLS = ("auto", "xla", "pallas")
@@ -48,72 +48,7 @@ CLASS_WEIGHT_METHODS = ("inverse", "inverse_sqrt", "effective_number")
 _RESIDUAL = "auto"
 
 
-# --------------------------------------------------------------------- validation
-
-
-def _static_number(value: Any, name: str, *, lo: float, hi: float | None = None) -> float:
-    """A Python number in ``[lo, hi]``; these hyperparameters select code paths statically."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(
-            f"`{name}` must be a Python number (it selects code paths at trace time), "
-            f"got {type(value).__name__}."
-        )
-    value = float(value)
-    if not (value >= lo and (hi is None or value <= hi)):
-        bounds = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"`{name}` must be in {bounds}, got {value}.")
-    return value
-
-
-def _check_ignore_index(ignore_index: Any) -> int:
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
-        ignore_index, (int, np.integer)
-    ):
-        raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}.")
-    return int(ignore_index)
-
-
-def _check_logits(logits: ArrayLike, axis: int, name: str) -> tuple[jax.Array, int]:
-    x = num.as_float(logits, name)
-    if x.ndim == 0:
-        raise ValueError(f"`{name}` must have a class axis, got a scalar.")
-    return x, num.single_axis(axis, x.ndim)
-
-
-def _labels_kind(labels: ArrayLike, shape: tuple[int, ...], axis: int) -> tuple[jax.Array, bool]:
-    """``(labels, soft)``: integer class indices, or float probabilities of ``shape``."""
-    labels = jnp.asarray(labels)
-    batch = shape[:axis] + shape[axis + 1 :]
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        if labels.shape != shape:
-            raise ValueError(
-                f"float `labels` are class probabilities and must have the logits' shape "
-                f"{shape}, got {labels.shape}; integer class labels have shape {batch}."
-            )
-        return labels, True
-    return num.check_integer_labels(labels, batch), False
-
-
-def _check_sample_weight(sample_weight: ArrayLike | None, batch: tuple[int, ...]):
-    if sample_weight is None:
-        return None
-    sw = num.as_float(sample_weight, "sample_weight")
-    num.check_broadcast(sw, batch, "sample_weight")
-    return sw
-
-
-def _check_class_vector(vec: ArrayLike | None, n: int | tuple[int, ...], name: str):
-    """A 1-D per-class vector whose length is ``n`` (or one of the lengths in ``n``)."""
-    if vec is None:
-        return None
-    vec = num.as_float(vec, name)
-    allowed = (n,) if isinstance(n, int) else n
-    if vec.ndim != 1 or vec.shape[0] not in allowed:
-        want = " or ".join(f"({k},)" for k in allowed)
-        raise ValueError(f"`{name}` must have shape {want} (one entry per class), got {vec.shape}.")
-    return vec
+# ------------------------------------------------------------------------ helpers
 
 
 def _batch_axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -351,11 +286,14 @@ def _residual_mode(dtype: Any) -> str:
 # --------------------------------------------------------------------- reductions
 
 
-def _reduce(per: jax.Array, den_terms: jax.Array | None, sw, reduction: str) -> jax.Array:
-    """Apply ``sample_weight`` and the reduction; ``mean`` over a zero total weight is 0.
+def _reduce(
+    per: jax.Array, den_terms: jax.Array | None, sw, reduction: str, normalizer=None
+) -> jax.Array:
+    """Apply ``sample_weight`` and the reduction (``mean``: see ``_numerics.mean_of``).
 
     ``den_terms`` are the per-position denominator weights (``w_y`` at kept positions, 0
-    at ignored ones, NaN at bad ones) or ``None`` for a count of all positions.
+    at ignored ones, NaN at bad ones) or ``None`` for a count of all positions; a
+    ``normalizer`` replaces their sum.
     """
     if sw is not None:
         per = per * sw.astype(per.dtype)
@@ -364,23 +302,14 @@ def _reduce(per: jax.Array, den_terms: jax.Array | None, sw, reduction: str) -> 
     total = jnp.sum(per)
     if reduction == "sum":
         return total
-    if den_terms is None:
-        den_terms = jnp.ones_like(per)
-    if sw is not None:
-        den_terms = den_terms * sw.astype(per.dtype)
-    den = jnp.sum(jnp.broadcast_to(den_terms, per.shape))
-    # Deviation from PyTorch (SPEC §2): a batch with nothing to average (all ignored, all
-    # weights 0) gives 0 with zero gradient instead of NaN. A NaN denominator (bad label)
-    # is not 0, so the poison still shows.
-    zero = den == 0
-    return jnp.where(zero, 0.0, total / jnp.where(zero, 1.0, den))
-
-
-def _int_labels(labels: jax.Array) -> jax.Array:
-    """Labels as a signed type wide enough to compare with ``ignore_index`` and ``C``."""
-    if labels.dtype.itemsize < 4 or jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
-        return labels.astype(jnp.int32)
-    return labels
+    den = None
+    if normalizer is None:
+        if den_terms is None:
+            den_terms = jnp.ones_like(per)
+        if sw is not None:
+            den_terms = den_terms * sw.astype(per.dtype)
+        den = jnp.sum(jnp.broadcast_to(den_terms, per.shape))
+    return num.mean_of(total, den, normalizer)
 
 
 def _int_label_masks(
@@ -417,8 +346,7 @@ def _int_label_masks(
 
 
 def _choose_impl(impl: str, unsupported: list[str]) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
+    check.choice(impl, "impl", IMPLS)
     if impl == "xla":
         return "xla"
     if impl == "pallas":
@@ -460,6 +388,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
     axis_name: Hashable | None = None,
     impl: str = "auto",
 ) -> jax.Array:
@@ -510,6 +439,11 @@ def cross_entropy(
       where: boolean class mask broadcastable to ``logits``; masked classes are left out
         of the normaliser. A label on a masked class is bad input.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator for ``reduction="mean"`` in place of the local one
+        (a positive Python number, or a traced scalar, e.g. the ``psum`` over devices or
+        the sum over an accumulation step's micro-batches of :func:`loss_denominator`),
+        so that a mean over several micro-batches or devices is the exact global mean. A
+        traced 0 gives 0.0 (as an all-ignored batch), a traced negative value NaN.
       axis_name: inside ``shard_map``, the mesh axis over which ``logits`` (and ``where``)
         are sharded along the class axis; the loss is then the global one (global max by
         ``pmax``, sum-exp by ``psum``, the label picked on the shard that owns it).
@@ -542,19 +476,20 @@ def cross_entropy(
       https://arxiv.org/abs/1512.00567. Chowdhery et al. 2022, "PaLM" (z-loss),
       https://arxiv.org/abs/2204.02311.
     """
-    x, a = _check_logits(logits, axis, "logits")
-    labels, soft = _labels_kind(labels, x.shape, a)
+    x, a = check.logits(logits, axis)
+    labels, soft = check.labels_kind(labels, x.shape, a)
     batch = x.shape[:a] + x.shape[a + 1 :]
-    ignore_index = _check_ignore_index(ignore_index)
-    eps = _static_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0)
-    lam = _static_number(z_loss, "z_loss", lo=0.0)
-    reduction = num.check_reduction(reduction)
-    where = num.check_where(where, x.shape)
-    sw = _check_sample_weight(sample_weight, batch)
+    ignore_index = check.ignore_index(ignore_index)
+    eps = check.static_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0)
+    lam = check.static_number(z_loss, "z_loss", lo=0.0)
+    reduction = check.reduction(reduction)
+    normalizer = check.normalizer(normalizer, reduction)
+    where = check.where(where, x.shape)
+    sw = check.sample_weight(sample_weight, batch)
     c_local = x.shape[a]
     n_classes = c_local * _axis_size(axis_name)
     lengths = (c_local,) if axis_name is None else (n_classes, c_local)
-    weight = _check_class_vector(weight, lengths, "weight")
+    weight = check.class_vector(weight, lengths)
 
     unsupported = []
     if soft:
@@ -592,9 +527,9 @@ def cross_entropy(
         cfg = _CE(a, ignore_index, eps, lam, True, _residual_mode(x.dtype), axis_name)
         per = jnp.squeeze(_ce_core(cfg, x, labels, w_local, where, bad), a)
         den = jnp.where(bad, jnp.nan, 1.0).astype(acc)
-        return _reduce(per, den, sw, reduction)
+        return _reduce(per, den, sw, reduction, normalizer)
 
-    labels = _int_labels(labels)
+    labels = check.widen_labels(labels)
     valid, bad = _int_label_masks(
         labels, ignore_index, n_classes, where, x.shape, a, axis_name, "cross_entropy", logits=x
     )
@@ -606,9 +541,8 @@ def cross_entropy(
     else:
         cfg = _CE(a, ignore_index, eps, lam, False, _residual_mode(x.dtype), axis_name)
         per = jnp.squeeze(_ce_core(cfg, x, labels, w_local, where, bad), a)
-    return _reduce(
-        per, _den_terms(weight, labels, valid, bad, c_local, axis_name, acc), sw, reduction
-    )
+    den = _den_terms(weight, labels, valid, bad, c_local, axis_name, acc)
+    return _reduce(per, den, sw, reduction, normalizer)
 
 
 def _den_terms(weight, labels, valid, bad, c_local, axis_name, acc):
@@ -621,6 +555,72 @@ def _den_terms(weight, labels, valid, bad, c_local, axis_name, acc):
     else:
         wy = _gather_label(weight.astype(acc), labels, None, None)
     return jnp.where(bad, jnp.nan, jnp.where(valid, wy, 0.0))
+
+
+def loss_denominator(
+    labels: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    sample_weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+) -> jax.Array:
+    r"""The denominator that ``reduction="mean"`` divides by, for integer labels.
+
+    .. math::
+        d = \sum_i s_i\, w_{y_i}\, [y_i \ne \text{ignore\_index}]
+
+    (``w ≡ 1`` without ``weight``, ``s ≡ 1`` without ``sample_weight``): exactly the
+    local denominator of :func:`cross_entropy`, :func:`nll_loss` and
+    :func:`linear_cross_entropy` with the same arguments, and, without ``weight``, of
+    :func:`focal_loss`. Summed over the micro-batches of an accumulation step, or
+    ``jax.lax.psum``-ed over data-parallel devices, and passed back as ``normalizer=``,
+    it makes the mean of each piece add up to the mean over the whole batch, even when
+    the pieces hold different numbers of valid tokens. Computed on device (no host sync).
+    A label ``< 0`` that is not ``ignore_index``, or ``>= len(weight)``, makes the result
+    NaN, as it makes the loss NaN.
+
+    Args:
+      labels: integer labels of any shape.
+      weight: optional per-class weights, shape ``(C,)``.
+      sample_weight: optional per-position weights broadcastable to ``labels``.
+      ignore_index: label value that is left out.
+
+    Returns:
+      A float32 scalar (float64 if a weight is float64).
+
+    Examples:
+      >>> import jsoftmax as jsm
+      >>> y = jnp.array([[0, 2, -100], [1, -100, -100]])
+      >>> jsm.loss_denominator(y)
+      Array(3., dtype=float32)
+      >>> jsm.loss_denominator(y, weight=jnp.array([1.0, 2.0, 0.5]))
+      Array(3.5, dtype=float32)
+    """
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"`labels` must be integers, got dtype {labels.dtype} (with probability labels "
+            "the mean divides by the number of positions, or the sum of `sample_weight`)."
+        )
+    labels = check.widen_labels(labels)
+    ignore_index = check.ignore_index(ignore_index)
+    sw = check.sample_weight(sample_weight, labels.shape)
+    acc = jnp.float32
+    weight = check.class_vector(weight, None)
+    n_classes = None
+    if weight is not None:
+        n_classes = weight.shape[0]
+        acc = num.acc_dtype(weight.dtype)
+    if sw is not None:
+        acc = jnp.promote_types(acc, num.acc_dtype(sw.dtype))
+    valid = labels != ignore_index
+    bad = valid & (labels < 0)
+    if n_classes is not None:
+        bad = bad | (valid & (labels >= n_classes))
+    den = _den_terms(weight, labels, valid, bad, n_classes, None, acc)
+    if sw is not None:
+        den = den * sw.astype(acc)
+    return jnp.sum(jnp.broadcast_to(den, labels.shape))
 
 
 # ------------------------------------------------------------------------ NLL loss
@@ -670,6 +670,7 @@ def nll_loss(
     sample_weight: ArrayLike | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Negative log-likelihood of integer labels given log-probabilities (``torch`` semantics).
 
@@ -690,6 +691,11 @@ def nll_loss(
       sample_weight: per-position weights, in numerator and denominator of ``mean``.
       ignore_index: label value to skip.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator for ``reduction="mean"`` in place of the local one
+        (a positive Python number, or a traced scalar, e.g. the ``psum`` over devices or
+        the sum over an accumulation step's micro-batches of :func:`loss_denominator`),
+        so that a mean over several micro-batches or devices is the exact global mean. A
+        traced 0 gives 0.0 (as an all-ignored batch), a traced negative value NaN.
 
     Returns:
       The loss: float32 for float32/half inputs, float64 for float64; per-position for
@@ -701,19 +707,21 @@ def nll_loss(
       >>> jsm.nll_loss(lp, jnp.array([0, 2]), weight=jnp.array([1.0, 1.0, 3.0]))
       Array(0.44079..., dtype=float32)
     """
-    lp, a = _check_logits(log_probs, axis, "log_probs")
+    lp, a = check.logits(log_probs, axis, "log_probs")
     batch = lp.shape[:a] + lp.shape[a + 1 :]
-    labels = num.check_integer_labels(labels, batch)
-    ignore_index = _check_ignore_index(ignore_index)
-    reduction = num.check_reduction(reduction)
-    sw = _check_sample_weight(sample_weight, batch)
+    labels = check.integer_labels(labels, batch)
+    ignore_index = check.ignore_index(ignore_index)
+    reduction = check.reduction(reduction)
+    normalizer = check.normalizer(normalizer, reduction)
+    sw = check.sample_weight(sample_weight, batch)
     c = lp.shape[a]
-    weight = _check_class_vector(weight, c, "weight")
-    labels = _int_labels(labels)
+    weight = check.class_vector(weight, c)
+    labels = check.widen_labels(labels)
     valid, bad = _int_label_masks(labels, ignore_index, c, None, lp.shape, a, None, "nll_loss")
     per = jnp.squeeze(_nll_core(a, ignore_index, lp, labels, weight, bad), a)
     acc = num.loss_dtype(lp.dtype)
-    return _reduce(per, _den_terms(weight, labels, valid, bad, c, None, acc), sw, reduction)
+    den = _den_terms(weight, labels, valid, bad, c, None, acc)
+    return _reduce(per, den, sw, reduction, normalizer)
 
 
 # ---------------------------------------------------------------- binary (sigmoid)
@@ -726,7 +734,7 @@ def _mul0(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def binary_cross_entropy_with_logits(
     logits: ArrayLike,
-    targets: ArrayLike,
+    labels: ArrayLike,
     *,
     weight: ArrayLike | None = None,
     pos_weight: ArrayLike | None = None,
@@ -744,7 +752,8 @@ def binary_cross_entropy_with_logits(
 
     Args:
       logits: scores ``x``, any float dtype.
-      targets: probabilities ``t`` in ``[0, 1]`` with exactly the shape of ``logits``.
+      labels: target probabilities ``t`` in ``[0, 1]`` with exactly the shape of ``logits``
+        (PyTorch's ``target``).
       weight: rescaling weight broadcastable to ``logits``.
       pos_weight: weight of the positive term, broadcastable to ``logits`` (a ``(C,)``
         vector weights each class of the last axis, as in PyTorch).
@@ -759,25 +768,25 @@ def binary_cross_entropy_with_logits(
       >>> jsm.binary_cross_entropy_with_logits(jnp.array([2.0, -1.0]), jnp.array([1.0, 0.0]))
       Array(0.22009..., dtype=float32)
     """
-    x = num.as_float(logits, "logits")
-    t = num.as_float(targets, "targets")
+    x = check.float_array(logits, "logits")
+    t = check.float_array(labels, "labels")
     if t.shape != x.shape:
-        raise ValueError(f"`targets` must have the shape of `logits` {x.shape}, got {t.shape}.")
-    reduction = num.check_reduction(reduction)
+        raise ValueError(f"`labels` must have the shape of `logits` {x.shape}, got {t.shape}.")
+    reduction = check.reduction(reduction)
     acc = num.loss_dtype(x.dtype)
     xa, ta = x.astype(acc), t.astype(acc)
     pos = jax.nn.softplus(-xa)
     neg = jax.nn.softplus(xa)
     if pos_weight is not None:
-        pw = num.as_float(pos_weight, "pos_weight")
-        num.check_broadcast(pw, x.shape, "pos_weight")
+        pw = check.float_array(pos_weight, "pos_weight")
+        check.broadcastable(pw, x.shape, "pos_weight")
         pos_t = _mul0(ta * pw.astype(acc), pos)
     else:
         pos_t = _mul0(ta, pos)
     per = pos_t + _mul0(1.0 - ta, neg)
     if weight is not None:
-        w = num.as_float(weight, "weight")
-        num.check_broadcast(w, x.shape, "weight")
+        w = check.float_array(weight, "weight")
+        check.broadcastable(w, x.shape, "weight")
         per = per * w.astype(acc)
     if reduction == "none":
         return per
@@ -794,8 +803,10 @@ def focal_loss(
     gamma: float = 2.0,
     alpha: ArrayLike | None = None,
     axis: int = -1,
+    sample_weight: ArrayLike | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Multi-class (softmax) focal loss of Lin et al. 2017.
 
@@ -812,10 +823,16 @@ def focal_loss(
       logits: scores, class axis ``axis``.
       labels: integer labels, the logits' shape minus the class axis.
       gamma: focusing parameter ``γ >= 0`` (a Python number).
-      alpha: ``None``, a scalar, or per-class weights of shape ``(C,)``.
+      alpha: ``None``, a scalar, or per-class weights of shape ``(C,)`` (the paper's
+        name; it scales the loss but is not part of ``mean``'s denominator).
       axis: the class axis.
+      sample_weight: per-position weights, broadcastable to the label shape; multiplied
+        into the numerator and the denominator of ``mean``.
       ignore_index: label value to skip.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator for ``reduction="mean"`` in place of the local
+        count of non-ignored positions (see :func:`cross_entropy`;
+        ``loss_denominator(labels, sample_weight=...)`` computes the local one).
 
     Returns:
       The loss (float32 for float32/half inputs, float64 for float64).
@@ -830,15 +847,17 @@ def focal_loss(
       Lin et al. 2017, "Focal Loss for Dense Object Detection",
       https://arxiv.org/abs/1708.02002.
     """
-    x, a = _check_logits(logits, axis, "logits")
+    x, a = check.logits(logits, axis)
     batch = x.shape[:a] + x.shape[a + 1 :]
-    labels = num.check_integer_labels(labels, batch)
-    ignore_index = _check_ignore_index(ignore_index)
-    g = _static_number(gamma, "gamma", lo=0.0)
-    reduction = num.check_reduction(reduction)
+    labels = check.integer_labels(labels, batch)
+    ignore_index = check.ignore_index(ignore_index)
+    g = check.static_number(gamma, "gamma", lo=0.0)
+    reduction = check.reduction(reduction)
+    normalizer = check.normalizer(normalizer, reduction)
+    sw = check.sample_weight(sample_weight, batch)
     c = x.shape[a]
     acc = num.loss_dtype(x.dtype)
-    labels = _int_labels(labels)
+    labels = check.widen_labels(labels)
     valid, bad = _int_label_masks(
         labels, ignore_index, c, None, x.shape, a, None, "focal_loss", logits=x
     )
@@ -857,14 +876,14 @@ def focal_loss(
         inf = jnp.isinf(nll)
         per = jnp.where(inf, nll, mod * jnp.where(inf, 0.0, nll))
     if alpha is not None:
-        alpha = num.as_float(alpha, "alpha")
+        alpha = check.float_array(alpha, "alpha")
         if alpha.ndim == 0:
             per = per * alpha.astype(acc)
         else:
-            alpha = _check_class_vector(alpha, c, "alpha")
+            alpha = check.class_vector(alpha, c, "alpha")
             per = per * alpha.astype(acc)[jnp.clip(labels, 0, c - 1)]
     den = jnp.where(bad, jnp.nan, valid.astype(acc))
-    return _reduce(per, den, None, reduction)
+    return _reduce(per, den, sw, reduction, normalizer)
 
 
 # ------------------------------------------------------------- class imbalance tools
@@ -904,9 +923,8 @@ def class_weights(
       Cui et al. 2019, "Class-Balanced Loss Based on Effective Number of Samples",
       https://arxiv.org/abs/1901.05555.
     """
-    if method not in CLASS_WEIGHT_METHODS:
-        raise ValueError(f"`method` must be one of {CLASS_WEIGHT_METHODS}, got {method!r}.")
-    n = num.as_float(counts, "counts")
+    check.choice(method, "method", CLASS_WEIGHT_METHODS)
+    n = check.float_array(counts, "counts")
     if n.ndim != 1:
         raise ValueError(f"`counts` must have shape (C,), got {n.shape}.")
     n = num.upcast(n)
@@ -917,9 +935,7 @@ def class_weights(
     elif method == "inverse_sqrt":
         w = lax.rsqrt(safe)
     else:
-        b = _static_number(beta, "beta", lo=0.0, hi=1.0)
-        if b == 1.0:
-            raise ValueError("`beta` must be < 1 for method='effective_number', got 1.0.")
+        b = check.static_number(beta, "beta", lo=0.0, hi=1.0, hi_open=True)
         # (1 - β) / (1 - β^n) with 1 - β^n = -expm1(n·log β): accurate for β near 1.
         w = (1.0 - b) / -jnp.expm1(safe * math.log(b)) if b > 0 else jnp.ones_like(safe)
     w = jnp.where(present, w, 0.0)
@@ -953,7 +969,8 @@ def logit_adjust(
       logits: scores, class axis ``axis``.
       class_priors: class frequencies ``π`` (need not sum to 1; a constant factor only
         shifts every logit equally), shape ``(C,)`` or broadcastable to ``logits``.
-      tau: temperature ``τ`` of the adjustment (scalar, may be traced).
+      tau: scale ``τ`` of the log-prior (a scalar, may be traced; ``jax.grad`` flows to
+        it, also at ``τ = 0``). Not a softmax temperature, hence the paper's name.
       axis: the class axis.
 
     Returns:
@@ -968,14 +985,23 @@ def logit_adjust(
       Menon et al. 2021, "Long-tail learning via logit adjustment",
       https://arxiv.org/abs/2007.07314.
     """
-    x = num.as_float(logits, "logits")
-    a = num.single_axis(axis, x.ndim)
-    pri = num.expand_class_vector(class_priors, x.shape, a, "class_priors")
+    x = check.float_array(logits, "logits")
+    a = check.single_axis(axis, x.ndim)
+    pri = check.class_vector_along(class_priors, x.shape, a, "class_priors")
+    if check.is_static_number(tau):
+        tau = check.static_number(tau, "tau")
     tau = jnp.asarray(tau)
     if tau.ndim != 0:
         raise ValueError(f"`tau` must be a scalar, got shape {tau.shape}.")
     acc = num.acc_dtype(x.dtype)
-    log_pri = jnp.log(num.upcast(pri).astype(acc))
+    pri = num.upcast(pri).astype(acc)
     tau = tau.astype(acc)
-    shift = jnp.where(tau == 0, 0.0, tau * log_pri)  # τ = 0 leaves zero priors alone
+    positive = pri > 0
+    # τ·log π where π > 0: differentiable in τ everywhere, τ = 0 included (d/dτ = log π).
+    shift = tau * jnp.log(jnp.where(positive, pri, 1.0))
+    # A zero prior: -inf for τ > 0, +inf for τ < 0, untouched at τ = 0. Written with the
+    # sign of τ (zero derivative) so that no 0·inf reaches the gradient.
+    impossible = jnp.where(positive | (tau == 0), 0.0, -jnp.sign(tau) * jnp.inf)
+    # A negative prior is not a probability: poison instead of a plausible number.
+    shift = jnp.where(pri < 0, jnp.nan, shift + impossible)
     return (x.astype(acc) + shift).astype(x.dtype)

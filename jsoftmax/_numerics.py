@@ -1,6 +1,7 @@
-"""Shared numerics: the one place for upcasting, masking, argument checks and the
-online max/sum-exp combine. Everything else in ``jsoftmax`` and ``jsoftmax.kernels``
-calls these helpers instead of re-deriving them.
+"""Shared numerics: the one place for upcasting, masking, the online max/sum-exp combine
+and the ``"mean"`` reduction's division. Everything else in ``jsoftmax`` and
+``jsoftmax.kernels`` calls these helpers instead of re-deriving them (argument checks
+live in ``_validate.py``).
 
 Conventions used throughout the package:
 
@@ -14,20 +15,12 @@ Conventions used throughout the package:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.typing import ArrayLike
 
 from jsoftmax import _compat
-
-Axis = int | Sequence[int]
-
-REDUCTIONS = ("mean", "sum", "none")
-
 
 # --------------------------------------------------------------------------- dtypes
 
@@ -35,16 +28,6 @@ REDUCTIONS = ("mean", "sum", "none")
 def acc_dtype(dtype: Any) -> jnp.dtype:
     """The accumulation dtype for ``dtype``: float64 stays float64, else float32."""
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
-
-
-def as_float(x: ArrayLike, name: str = "x") -> jax.Array:
-    """``x`` as an inexact array; integers and bools become float32 (like ``jax.nn``)."""
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise TypeError(f"`{name}` must be real, got dtype {x.dtype}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.float32)
-    return x
 
 
 def upcast(x: jax.Array) -> jax.Array:
@@ -57,120 +40,6 @@ def loss_dtype(dtype: Any) -> jnp.dtype:
     return acc_dtype(dtype)
 
 
-# ------------------------------------------------------------------ argument checks
-
-
-def normalize_axis(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Normalise an int or tuple ``axis`` against ``ndim``; ``ValueError`` when out of range."""
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    out = []
-    for a in axes:
-        if not isinstance(a, (int, np.integer)):
-            raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
-        if not -ndim <= a < ndim:
-            raise ValueError(f"`{name}`={axis} is out of range for an input of rank {ndim}.")
-        out.append(int(a) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"`{name}`={axis} repeats an axis.")
-    return tuple(out)
-
-
-def single_axis(axis: int, ndim: int, name: str = "axis") -> int:
-    """Normalise a single int ``axis`` (losses and kernels take one class axis)."""
-    if not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {axis!r}.")
-    return normalize_axis(axis, ndim, name)[0]
-
-
-def check_broadcast(arr: jax.Array, shape: tuple[int, ...], name: str) -> None:
-    """``ValueError`` naming ``name`` unless ``arr`` broadcasts to ``shape``."""
-    try:
-        out = jnp.broadcast_shapes(arr.shape, shape)
-    except ValueError:
-        out = None
-    if out != tuple(shape):
-        raise ValueError(
-            f"`{name}` of shape {arr.shape} does not broadcast to the input shape {shape}."
-        )
-
-
-def check_where(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
-    """Validate a boolean mask ``where`` against ``shape``."""
-    if where is None:
-        return None
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
-        raise TypeError(f"`where` must be a boolean mask, got dtype {where.dtype}.")
-    check_broadcast(where, shape, "where")
-    return where
-
-
-def expand_class_vector(
-    vec: ArrayLike | None, shape: tuple[int, ...], axis: Axis, name: str
-) -> jax.Array | None:
-    """Place a per-class vector along ``axis`` so that it broadcasts against ``shape``.
-
-    A 1-D ``vec`` of length ``C`` (or 1) is laid along the (single) class axis, which is
-    what "weights broadcastable along ``axis``" means for e.g. an ``(N, C, H, W)`` input
-    with ``axis=1``. Any other rank must broadcast to ``shape`` by numpy rules.
-    """
-    if vec is None:
-        return None
-    vec = jnp.asarray(vec)
-    if not jnp.issubdtype(vec.dtype, jnp.floating):
-        vec = vec.astype(jnp.float32)
-    axes = normalize_axis(axis, len(shape))
-    if vec.ndim == 1 and len(axes) == 1 and len(shape) > 1:
-        (a,) = axes
-        if vec.shape[0] not in (1, shape[a]):
-            raise ValueError(
-                f"`{name}` has length {vec.shape[0]} but the class axis {a} of the input "
-                f"{shape} has {shape[a]} entries."
-            )
-        vec = vec.reshape((-1,) + (1,) * (len(shape) - 1 - a))
-    check_broadcast(vec, shape, name)
-    return vec
-
-
-def check_temperature(temperature: ArrayLike) -> jax.Array | float | None:
-    """``None`` for the static default 1.0, else a scalar; Python numbers must be > 0.
-
-    A traced temperature cannot be checked at trace time; a non-positive value then
-    yields NaN/inf outputs (poison) rather than a silently plausible number.
-    """
-    if isinstance(temperature, (bool, np.bool_)):
-        raise TypeError("`temperature` must be a positive number, got a bool.")
-    if isinstance(temperature, (int, float, np.integer, np.floating)):
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        return None if float(temperature) == 1.0 else float(temperature)
-    t = jnp.asarray(temperature)
-    if t.ndim != 0:
-        raise ValueError(f"`temperature` must be a scalar, got shape {t.shape}.")
-    if not jnp.issubdtype(t.dtype, jnp.floating):
-        t = t.astype(jnp.float32)
-    return t
-
-
-def check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
-    return reduction
-
-
-def check_integer_labels(labels: ArrayLike, batch_shape: tuple[int, ...], name: str = "labels"):
-    """Integer labels whose shape is the logits' shape without the class axis."""
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"`{name}` must be integers, got dtype {labels.dtype}.")
-    if labels.shape != tuple(batch_shape):
-        raise ValueError(
-            f"`{name}` has shape {labels.shape}; expected {tuple(batch_shape)} "
-            "(the logits' shape without the class axis)."
-        )
-    return labels
-
-
 # ------------------------------------------------------------------------- numerics
 
 
@@ -179,7 +48,7 @@ def masked_logits(
     *,
     where: jax.Array | None = None,
     temperature: jax.Array | float | None = None,
-    weights: jax.Array | None = None,
+    weight: jax.Array | None = None,
 ) -> jax.Array:
     """Effective logits ``u = x/T + log w`` in the accumulation dtype, ``-inf`` where inadmissible.
 
@@ -195,15 +64,17 @@ def masked_logits(
         # (x / -T would be a silently plausible wrong answer).
         t = jnp.asarray(temperature, u.dtype)
         u = jnp.where(t > 0, u / t, jnp.nan)
-    if weights is not None:
-        w = weights.astype(u.dtype)
+    if weight is not None:
+        w = weight.astype(u.dtype)
         u = jnp.where(w == 0, -jnp.inf, u + jnp.log(w))
     if where is not None:
         u = jnp.where(where, u, -jnp.inf)
     return u
 
 
-def stable_shift(u: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array, jax.Array]:
+def stable_shift(
+    u: jax.Array, axis: int | tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Shift ``u`` by its (stop-gradient) row max, resolving the two infinite cases.
 
     Returns ``(shifted, m, posinf)`` with ``keepdims`` shapes for ``m`` and ``posinf``:
@@ -245,3 +116,19 @@ def finish_logsumexp(m: jax.Array, s: jax.Array) -> jax.Array:
     """``m + log s`` with an empty row (``s == 0``) giving ``-inf``."""
     m_safe = jnp.where(_compat.isfinite(m), m, 0.0)
     return jnp.where(s > 0, m_safe + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
+
+
+def mean_of(total: jax.Array, den: jax.Array, normalizer: Any = None) -> jax.Array:
+    """``total / den``: the ``reduction="mean"`` of every loss.
+
+    A denominator of 0 (every position ignored, or all their weights 0) gives 0.0 with a
+    zero gradient instead of NaN, so a fully padded batch cannot poison a training run;
+    a NaN denominator (a bad label) is not 0, so the poison still shows. ``normalizer``
+    (see ``_validate.normalizer``) replaces ``den``: the caller's global denominator, e.g.
+    summed over micro-batches or devices; a negative one poisons the result.
+    """
+    if normalizer is not None:
+        n = jnp.asarray(normalizer, total.dtype)
+        den = jnp.where(n < 0, jnp.nan, n)
+    zero = den == 0
+    return jnp.where(zero, 0.0, total / jnp.where(zero, 1.0, den))

@@ -14,30 +14,32 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
-from jsoftmax._numerics import Axis
+from jsoftmax import _validate as check
+from jsoftmax._validate import Axis
 
 
 def _is_zero(t) -> bool:
     return t is None or isinstance(t, SymbolicZero)
 
 
-def _prepare(x, axis, where, temperature, weights):
+def _prepare(x, axis, where, temperature, weight):
     """Validate arguments; return ``(x, axes, where, t, w)`` ready for the cores."""
-    x = num.as_float(x)
-    axes = num.normalize_axis(axis, x.ndim)
-    where = num.check_where(where, x.shape)
-    t = num.check_temperature(temperature)
-    w = num.expand_class_vector(weights, x.shape, axes, "weights")
+    x = check.float_array(x)
+    axes = check.axes(axis, x.ndim)
+    where = check.where(where, x.shape)
+    t = check.temperature(temperature)
+    w = check.class_vector_along(weight, x.shape, axes, "weight")
     return x, axes, where, t, w
 
 
 def _forward(x, t, w, where, axes):
     """``(shifted, log s, posinf)``: the shared body of every member of the family."""
-    u = num.masked_logits(x, where=where, temperature=t, weights=w)
+    u = num.masked_logits(x, where=where, temperature=t, weight=w)
     shifted, m, posinf = num.stable_shift(u, axes)
     s = jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True)
     return shifted, s, m, posinf
@@ -95,7 +97,7 @@ def softmax(
     *,
     where: ArrayLike | None = None,
     temperature: ArrayLike = 1.0,
-    weights: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Numerically stable (weighted, masked, tempered) softmax.
 
@@ -114,7 +116,7 @@ def softmax(
       where: boolean mask broadcastable to ``x``; ``False`` entries are excluded.
       temperature: positive scalar ``T``; may be a traced array, and ``jax.grad``
         flows to it. A Python number ``<= 0`` is a ``ValueError``.
-      weights: non-negative per-class weights; a 1-D array of length ``C`` is laid
+      weight: non-negative per-class weights; a 1-D array of length ``C`` is laid
         along ``axis``, other shapes must broadcast to ``x``. Weight 0 acts as a mask.
         Differentiable where ``w > 0`` (the gradient at exactly ``w = 0`` is taken as 0).
 
@@ -128,7 +130,7 @@ def softmax(
       >>> jsm.softmax(jnp.array([-jnp.inf, -jnp.inf]))  # jax.nn.softmax gives NaN
       Array([0., 0.], dtype=float32)
     """
-    x, axes, where, t, w = _prepare(x, axis, where, temperature, weights)
+    x, axes, where, t, w = _prepare(x, axis, where, temperature, weight)
     return _softmax(x, t, w, where, axes)
 
 
@@ -175,7 +177,7 @@ def log_softmax(
     *,
     where: ArrayLike | None = None,
     temperature: ArrayLike = 1.0,
-    weights: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Numerically stable log-softmax, the log of :func:`softmax`.
 
@@ -191,7 +193,7 @@ def log_softmax(
       axis: the class axis, or a tuple of axes.
       where: boolean mask broadcastable to ``x``.
       temperature: positive scalar ``T`` (traced or static, differentiable).
-      weights: non-negative per-class weights, as in :func:`softmax`.
+      weight: non-negative per-class weights, as in :func:`softmax`.
 
     Returns:
       Log-probabilities with the shape and dtype of ``x``.
@@ -201,7 +203,7 @@ def log_softmax(
       >>> jsm.log_softmax(jnp.array([2.0, 0.5, 6.0]))
       Array([-4.0221553 , -5.5221553 , -0.02215516], dtype=float32)
     """
-    x, axes, where, t, w = _prepare(x, axis, where, temperature, weights)
+    x, axes, where, t, w = _prepare(x, axis, where, temperature, weight)
     return _log_softmax(x, t, w, where, axes)
 
 
@@ -247,7 +249,7 @@ def logsumexp(
     axis: Axis = -1,
     *,
     where: ArrayLike | None = None,
-    weights: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
     keepdims: bool = False,
 ) -> jax.Array:
     r"""Numerically stable (weighted, masked) log-sum-exp.
@@ -263,7 +265,7 @@ def logsumexp(
       x: scores of any float dtype.
       axis: the reduced axis, or a tuple of axes.
       where: boolean mask broadcastable to ``x``; ``False`` entries are left out.
-      weights: non-negative weights (1-D of length ``C`` is laid along ``axis``).
+      weight: non-negative per-class weights (1-D of length ``C`` is laid along ``axis``).
       keepdims: keep the reduced axes with size 1.
 
     Returns:
@@ -274,10 +276,10 @@ def logsumexp(
       >>> jsm.logsumexp(jnp.array([1e30, 1e30]))
       Array(1.e+30, dtype=float32)
     """
-    x = num.as_float(x)
-    axes = num.normalize_axis(axis, x.ndim)
-    where = num.check_where(where, x.shape)
-    w = num.expand_class_vector(weights, x.shape, axes, "weights")
+    x = check.float_array(x)
+    axes = check.axes(axis, x.ndim)
+    where = check.where(where, x.shape)
+    w = check.class_vector_along(weight, x.shape, axes, "weight")
     out = _logsumexp(x, w, where, axes)
     return out if keepdims else jnp.squeeze(out, axis=axes)
 
@@ -285,15 +287,19 @@ def logsumexp(
 # ------------------------------------------------------------------ hardmax, 2-D
 
 
-def hardmax(x: ArrayLike, axis: int = -1) -> jax.Array:
+def hardmax(x: ArrayLike, axis: Axis = -1) -> jax.Array:
     r"""One-hot of the arg-max along ``axis`` (first index on ties), the zero-temperature softmax.
 
     .. math::
         h_i = [\, i = \min \arg\max_j x_j \,]
 
+    With a tuple of axes the arg-max is taken over their joint slice, ties broken by the
+    first index in row-major order over those axes (as ``jnp.argmax`` of the flattened
+    slice), matching ``softmax(x / T, axis)`` as ``T -> 0``.
+
     Args:
       x: scores.
-      axis: the class axis.
+      axis: the class axis, or a tuple of axes.
 
     Returns:
       A one-hot array with the shape and dtype of ``x`` (float32 for integer input);
@@ -303,12 +309,19 @@ def hardmax(x: ArrayLike, axis: int = -1) -> jax.Array:
       >>> import jsoftmax as jsm
       >>> jsm.hardmax(jnp.array([1.0, 3.0, 3.0]))
       Array([0., 1., 0.], dtype=float32)
+      >>> jsm.hardmax(jnp.array([[1.0, 2.0], [5.0, 0.0]]), axis=(0, 1))
+      Array([[0., 0.],
+             [1., 0.]], dtype=float32)
     """
-    x = num.as_float(x)
-    a = num.single_axis(axis, x.ndim)
-    idx = jnp.argmax(jax.lax.stop_gradient(x), axis=a, keepdims=True)
-    iota = jax.lax.broadcasted_iota(idx.dtype, x.shape, a)
-    return (iota == idx).astype(x.dtype)
+    x = check.float_array(x)
+    axes = check.axes(axis, x.ndim)
+    batch = tuple(a for a in range(x.ndim) if a not in axes)
+    moved = jnp.transpose(jax.lax.stop_gradient(x), batch + axes)
+    flat = moved.reshape(moved.shape[: len(batch)] + (-1,))
+    idx = jnp.argmax(flat, axis=-1, keepdims=True)
+    hot = jax.lax.broadcasted_iota(idx.dtype, flat.shape, flat.ndim - 1) == idx
+    hot = hot.reshape(moved.shape)
+    return jnp.transpose(hot, tuple(np.argsort(batch + axes))).astype(x.dtype)
 
 
 def softmax2d(x: ArrayLike) -> jax.Array:
@@ -331,7 +344,7 @@ def softmax2d(x: ArrayLike) -> jax.Array:
       >>> jsm.softmax2d(jnp.zeros((2, 1, 1)))[:, 0, 0]
       Array([0.5, 0.5], dtype=float32)
     """
-    x = num.as_float(x)
+    x = check.float_array(x)
     if x.ndim not in (3, 4):
         raise ValueError(
             f"softmax2d expects a (C, H, W) or (N, C, H, W) input, got shape {x.shape}."

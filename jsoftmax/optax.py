@@ -44,6 +44,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 
 __all__ = [
     "safe_softmax_cross_entropy",
@@ -77,7 +78,7 @@ def _prepare_where(
     where = jnp.asarray(where)
     if where.ndim != ndim:
         where = jnp.expand_dims(where, axes)
-    return num.check_where(where, shape)
+    return check.where(where, shape)
 
 
 def _row_stats(x, where, axes):
@@ -175,7 +176,7 @@ def _soft_cross_entropy(logits, labels, axis, where):
         dtype = x.dtype
     x = jnp.broadcast_to(x.astype(dtype), shape)
     q = jnp.broadcast_to(q.astype(dtype), shape)
-    axes = tuple(range(x.ndim)) if axis is None else num.normalize_axis(axis, x.ndim)
+    axes = tuple(range(x.ndim)) if axis is None else check.axes(axis, x.ndim)
     where = _prepare_where(where, x.ndim, axes, shape)
     return _soft_ce(x, q, where, axes)
 
@@ -364,9 +365,9 @@ def softmax_cross_entropy_with_integer_labels(
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"`labels` must be integers, got dtype {labels.dtype}.")
     if isinstance(axis, (tuple, list)):
-        axes = num.normalize_axis(tuple(axis), x.ndim)
+        axes = check.axes(tuple(axis), x.ndim)
     elif isinstance(axis, int):
-        axes = (num.single_axis(axis, x.ndim),)
+        axes = (check.single_axis(axis, x.ndim),)
     else:
         raise TypeError(f"`axis` must be an int or a tuple of ints, got {axis!r}.")
     where = _prepare_where(where, x.ndim, axes, x.shape)

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 from jsoftmax._compat import plgpu
 
 BACKENDS = ("tpu", "gpu")
@@ -60,48 +61,27 @@ def make_config(
     backend: str | None = None,
 ) -> Config:
     """Validate the user-facing kernel keywords and bundle them into a :class:`Config`."""
-    for name, value in (
-        ("block_rows", block_rows),
-        ("block_cols", block_cols),
-        ("block_d", block_d),
-    ):
-        if value is None:
-            continue
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"`{name}` must be a positive int or None, got {value!r}.")
-        if value <= 0:
-            raise ValueError(f"`{name}` must be a positive int or None, got {value}.")
+    blocks = {
+        name: check.static_int(value, name, minimum=1, optional=True)
+        for name, value in (
+            ("block_rows", block_rows),
+            ("block_cols", block_cols),
+            ("block_d", block_d),
+        )
+    }
     if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
         raise TypeError(f"`interpret` must be True, False or None, got {interpret!r}.")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS} or None, got {backend!r}.")
+    check.choice(backend, "backend", (*BACKENDS, None))
     return Config(
-        block_rows=None if block_rows is None else int(block_rows),
-        block_cols=None if block_cols is None else int(block_cols),
-        block_d=None if block_d is None else int(block_d),
+        **blocks,
         interpret=None if interpret is None else bool(interpret),
         backend=backend,
     )
 
 
-def check_matrix(x: Any, name: str) -> jax.Array:
-    """``x`` as a 2-D floating array; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must be a floating array, got dtype {x.dtype}.")
-    if x.ndim != 2:
-        raise ValueError(
-            f"`{name}` must be 2-D (rows, classes); got shape {x.shape}. "
-            "The kernels work on the last axis of a matrix: reshape first."
-        )
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"`{name}` must have at least one row and one column, got {x.shape}.")
-    return x
-
-
 def check_labels(labels: Any, n_rows: int) -> jax.Array:
     """Integer labels of shape ``(n_rows,)``, returned as an ``(n_rows, 1)`` int32 column."""
-    labels = num.check_integer_labels(labels, (n_rows,))
+    labels = check.integer_labels(labels, (n_rows,))
     return labels.astype(jnp.int32).reshape(n_rows, 1)
 
 
@@ -109,23 +89,11 @@ def check_loss_options(
     ignore_index: Any, label_smoothing: Any, z_loss: Any
 ) -> tuple[int, float, float]:
     """Static cross-entropy hyperparameters (Python numbers; they shape the kernel)."""
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
-        ignore_index, (int, np.integer)
-    ):
-        raise TypeError(f"`ignore_index` must be a Python int, got {ignore_index!r}.")
-    out = []
-    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-            raise TypeError(
-                f"`{name}` must be a Python float (it is static in the kernels), got {value!r}."
-            )
-        out.append(float(value))
-    eps, lam = out
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"`label_smoothing` must be in [0, 1], got {eps}.")
-    if not lam >= 0.0:
-        raise ValueError(f"`z_loss` must be >= 0, got {lam}.")
-    return int(ignore_index), eps, lam
+    return (
+        check.ignore_index(ignore_index),
+        check.static_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0),
+        check.static_number(z_loss, "z_loss", lo=0.0),
+    )
 
 
 # ----------------------------------------------------------------------- block sizes

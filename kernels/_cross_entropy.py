@@ -21,6 +21,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 from jsoftmax._compat import plgpu
 
 from . import _common as cm
@@ -226,17 +227,6 @@ def _cross_entropy_vjp_bwd(opts, cfg, res, g):
 _cross_entropy_vjp.defvjp(_cross_entropy_vjp_fwd, _cross_entropy_vjp_bwd)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "ignore_index",
-        "label_smoothing",
-        "z_loss",
-        "block_rows",
-        "block_cols",
-        "interpret",
-    ),
-)
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -284,7 +274,7 @@ def cross_entropy(
       https://arxiv.org/abs/1512.00567; Chowdhery et al. 2022, "PaLM" (z-loss),
       https://arxiv.org/abs/2204.02311.
     """
-    logits = cm.check_matrix(num.as_float(logits, "logits"), "logits")
+    logits = check.matrix(logits, "logits")
     n, c = logits.shape
     labels = cm.check_labels(labels, n)
     ignore_index, eps, lam = cm.check_loss_options(ignore_index, label_smoothing, z_loss)

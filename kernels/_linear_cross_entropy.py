@@ -31,12 +31,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.typing import ArrayLike
 
-from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 from jsoftmax._compat import plgpu
 
 from . import _common as cm
@@ -608,46 +607,28 @@ def _linear_ce_vjp_bwd(st, cfg, res, g):
 _linear_ce_vjp.defvjp(_linear_ce_vjp_fwd, _linear_ce_vjp_bwd)
 
 
-def _check_inputs(hidden, weight, bias, labels, weight_layout):
-    if weight_layout not in ("dv", "vd"):
-        raise ValueError(f"`weight_layout` must be 'dv' or 'vd', got {weight_layout!r}.")
-    hidden = cm.check_matrix(num.as_float(hidden, "hidden"), "hidden")
-    weight = cm.check_matrix(num.as_float(weight, "weight"), "weight")
+def _check_inputs(hidden, linear_weight, linear_bias, labels, weight_layout):
+    check.choice(weight_layout, "weight_layout", ("dv", "vd"))
+    hidden = check.matrix(hidden, "hidden")
+    linear_weight = check.matrix(linear_weight, "linear_weight")
     n, d = hidden.shape
-    wd, v = weight.shape if weight_layout == "dv" else weight.shape[::-1]
+    wd, v = linear_weight.shape if weight_layout == "dv" else linear_weight.shape[::-1]
     if wd != d:
         want = "(D, V)" if weight_layout == "dv" else "(V, D)"
         raise ValueError(
-            f"`weight` of shape {weight.shape} does not match `hidden` of shape {hidden.shape}: "
-            f"with weight_layout={weight_layout!r} it must be {want} with D = {d}."
+            f"`linear_weight` of shape {linear_weight.shape} does not match `hidden` of shape "
+            f"{hidden.shape}: with weight_layout={weight_layout!r} it must be {want} with D = {d}."
         )
-    if bias is not None:
-        bias = num.as_float(bias, "bias")
-        if bias.shape != (v,):
-            raise ValueError(f"`bias` must have shape ({v},) (the vocabulary), got {bias.shape}.")
-    return hidden, weight, bias, cm.check_labels(labels, n), v
+    linear_bias = check.class_vector(linear_bias, v, "linear_bias")
+    return hidden, linear_weight, linear_bias, cm.check_labels(labels, n), v
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "weight_layout",
-        "ignore_index",
-        "label_smoothing",
-        "z_loss",
-        "logit_softcap",
-        "block_rows",
-        "block_cols",
-        "block_d",
-        "interpret",
-    ),
-)
 def linear_cross_entropy(
     hidden: ArrayLike,
-    weight: ArrayLike,
+    linear_weight: ArrayLike,
     labels: ArrayLike,
     *,
-    bias: ArrayLike | None = None,
+    linear_bias: ArrayLike | None = None,
     weight_layout: str = "dv",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
@@ -658,7 +639,7 @@ def linear_cross_entropy(
     block_d: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Per-row cross-entropy of ``hidden @ weight + bias`` without materialising the logits.
+    """Per-row cross-entropy of ``hidden @ linear_weight + linear_bias``, logits never stored.
 
     ``z = h W + b`` (``z ← s·tanh(z/s)`` with ``logit_softcap = s``), then per row
     ``l_i = (1-ε)(lse_i - z_{i,y_i}) + ε(lse_i - mean_c z_{i,c}) + λ lse_i²``. The matmul
@@ -668,10 +649,10 @@ def linear_cross_entropy(
 
     Args:
       hidden: ``(N, D)`` floating array.
-      weight: ``(D, V)`` (a Flax ``Dense`` kernel), or ``(V, D)`` with
+      linear_weight: ``(D, V)`` (a Flax ``Dense`` kernel), or ``(V, D)`` with
         ``weight_layout="vd"`` (a tied embedding table, used without a transposed copy).
       labels: ``(N,)`` integer labels in ``[0, V)``.
-      bias: optional ``(V,)`` bias.
+      linear_bias: optional ``(V,)`` bias.
       weight_layout: ``"dv"`` or ``"vd"``.
       ignore_index: label value whose rows get loss 0 and zero gradient.
       label_smoothing: ``ε`` in ``[0, 1]`` (static Python float).
@@ -685,7 +666,8 @@ def linear_cross_entropy(
 
     Returns:
       ``(N,)`` float32 per-row loss: 0 at ``ignore_index`` rows, NaN at labels outside
-      ``[0, V)``. Gradients come back in the dtypes of ``hidden``, ``weight``, ``bias``.
+      ``[0, V)``. Gradients come back in the dtypes of ``hidden``, ``linear_weight`` and
+      ``linear_bias``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -699,18 +681,13 @@ def linear_cross_entropy(
       https://arxiv.org/abs/2411.09009; Gemma Team 2024, "Gemma 2" (logit soft-capping),
       https://arxiv.org/abs/2408.00118.
     """
-    hidden, weight, bias, labels, v = _check_inputs(hidden, weight, bias, labels, weight_layout)
+    hidden, weight, bias, labels, v = _check_inputs(
+        hidden, linear_weight, linear_bias, labels, weight_layout
+    )
     ignore_index, eps, lam = cm.check_loss_options(ignore_index, label_smoothing, z_loss)
-    if logit_softcap is not None:
-        if isinstance(logit_softcap, (bool, np.bool_)) or not isinstance(
-            logit_softcap, (int, float, np.number)
-        ):
-            raise TypeError(
-                f"`logit_softcap` must be None or a positive float, got {logit_softcap!r}."
-            )
-        if not logit_softcap > 0:
-            raise ValueError(f"`logit_softcap` must be > 0, got {logit_softcap}.")
-        logit_softcap = float(logit_softcap)
+    logit_softcap = check.static_number(
+        logit_softcap, "logit_softcap", lo=0.0, lo_open=True, optional=True
+    )
     st = _Options(
         loss=cm.LossOptions(v, ignore_index, eps, lam),
         n_rows=hidden.shape[0],

@@ -39,7 +39,7 @@ def _cases() -> dict[str, tuple[Callable[..., Any], Callable[..., Any], tuple[An
 
     def lce(h, w, b, y):
         return linear_cross_entropy(
-            h, w, y, bias=b, weight_layout="vd", label_smoothing=0.1, logit_softcap=30.0
+            h, w, y, linear_bias=b, weight_layout="vd", label_smoothing=0.1, logit_softcap=30.0
         )
 
     def ce_bwd(x, y):
@@ -56,7 +56,7 @@ def _cases() -> dict[str, tuple[Callable[..., Any], Callable[..., Any], tuple[An
     }
 
 
-def lowering_report(platforms: Sequence[str] = ("cuda", "tpu")) -> list[dict[str, Any]]:
+def lowering_report(*, platforms: Sequence[str] = ("cuda", "tpu")) -> list[dict[str, Any]]:
     """Lower every kernel, forward and backward, for each platform; report what failed.
 
     Runs on any host (no accelerator needed) in a few seconds: small shapes, abstract
@@ -73,7 +73,7 @@ def lowering_report(platforms: Sequence[str] = ("cuda", "tpu")) -> list[dict[str
 
     Examples:
       >>> from jsoftmax import kernels
-      >>> all(r["ok"] for r in kernels.lowering_report(("tpu",)))
+      >>> all(r["ok"] for r in kernels.lowering_report(platforms=("tpu",)))
       True
     """
     if isinstance(platforms, str):

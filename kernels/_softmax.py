@@ -27,6 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
+from jsoftmax import _validate as check
 from jsoftmax._compat import plgpu
 
 from . import _common as cm
@@ -305,10 +306,9 @@ _softmax_vjp.defvjp(_softmax_vjp_fwd, _softmax_vjp_bwd)
 
 
 def _prepare(x: ArrayLike) -> jax.Array:
-    return cm.check_matrix(num.as_float(x, "x"), "x")
+    return check.matrix(x, "x")
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "block_cols", "interpret"))
 def softmax(
     x: ArrayLike,
     *,
@@ -345,7 +345,6 @@ def softmax(
     return _softmax_vjp(x, False, cm.make_config(block_rows, block_cols, interpret=interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "block_cols", "interpret"))
 def log_softmax(
     x: ArrayLike,
     *,

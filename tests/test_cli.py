@@ -195,11 +195,12 @@ def test_bench_tiny_json(tmp_path):
         "cross_entropy",
         "linear_cross_entropy",
         "linear_cross_entropy",
+        "linear_softmax_stats",
     ]
     for r in rows:
         assert r["available"], f"{r['name']} is not available"
         assert r["cand_temp"] >= 0 and r["base_temp"] >= 0
-    for r in rows[:4]:
+    for r in rows[:4] + rows[5:]:
         assert r["time_ratio"] > 0 and r["cand_ms"] > 0 and r["base_ms"] > 0
     big = rows[4]
     assert big["time_ratio"] is None and big["note"] == "compiled, not run"

@@ -136,7 +136,14 @@ def run_ce(style, *, block_rows=None, block_cols=None, **kw):
 def run_lce(style, *, block_rows=None, block_cols=None, block_d=None, **kw):
     if style == "mosaic":
         return lambda h, w, b, y: K.linear_cross_entropy(
-            h, w, y, bias=b, block_rows=block_rows, block_cols=block_cols, block_d=block_d, **kw
+            h,
+            w,
+            y,
+            linear_bias=b,
+            block_rows=block_rows,
+            block_cols=block_cols,
+            block_d=block_d,
+            **kw,
         )
     cfg = cm.make_config(block_rows, block_cols, block_d, interpret=True, backend="gpu")
 
@@ -519,7 +526,7 @@ def test_bad_input_raises_at_trace_time():
     with pytest.raises(ValueError, match="weight_layout"):
         K.linear_cross_entropy(h, jnp.zeros((8, 16)), y, weight_layout="kn")
     with pytest.raises(ValueError, match="bias"):
-        K.linear_cross_entropy(h, jnp.zeros((8, 16)), y, bias=jnp.zeros(15))
+        K.linear_cross_entropy(h, jnp.zeros((8, 16)), y, linear_bias=jnp.zeros(15))
     with pytest.raises(ValueError, match="logit_softcap"):
         K.linear_cross_entropy(h, jnp.zeros((8, 16)), y, logit_softcap=0.0)
 

@@ -99,7 +99,9 @@ def test_linear_cross_entropy_lowers(dims, dtype, layout, with_bias, opts, platf
     w = S((v, d) if layout == "vd" else (d, v), dtype)
     b = S((v,), jnp.float32) if with_bias else None
     y = S((n,), jnp.int32)
-    f = lambda h, w, b, y: K.linear_cross_entropy(h, w, y, bias=b, weight_layout=layout, **opts)
+    f = lambda h, w, b, y: K.linear_cross_entropy(
+        h, w, y, linear_bias=b, weight_layout=layout, **opts
+    )
     assert_kernels(lower_text(f, (h, w, b, y), platform), platform, 1)
     argnums = (0, 1, 2) if with_bias else (0, 1)
     bwd = lambda h, w, b, y: jax.grad(lambda *p: f(*p, y).sum(), argnums=argnums)(h, w, b)

@@ -6,6 +6,9 @@ Every check compares against a float64 reference that *does* materialise the log
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +27,12 @@ lce = jsm.linear_cross_entropy
 
 def reference(
     hidden,
-    weight,
+    linear_weight,
     labels,
     *,
-    bias=None,
+    linear_bias=None,
     weight_layout="dv",
-    class_weight=None,
+    weight=None,
     sample_weight=None,
     ignore_index=-100,
     label_smoothing=0.0,
@@ -38,16 +41,16 @@ def reference(
     reduction="mean",
 ):
     """``ref_cross_entropy`` (SPEC §2 formulas) on the materialised, soft-capped logits."""
-    w = weight if weight_layout == "dv" else weight.T
+    w = linear_weight if weight_layout == "dv" else linear_weight.T
     z = hidden @ w
-    if bias is not None:
-        z = z + bias
+    if linear_bias is not None:
+        z = z + linear_bias
     if logit_softcap is not None:
         z = logit_softcap * jnp.tanh(z / logit_softcap)
     return ref_cross_entropy(
         z,
         labels,
-        weight=class_weight,
+        weight=weight,
         sample_weight=sample_weight,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
@@ -122,8 +125,8 @@ def _grid(n_cases=14, seed=1234):
                 # Chunks that do not divide V (ragged last chunk) and one that covers V.
                 chunk_size=int(rng.choice([16, 24, 64, 1000])),
                 layout=["dv", "vd"][i % 2],
-                bias=bool(rng.uniform() < 0.5),
-                class_weight=bool(rng.uniform() < 0.4),
+                linear_bias=bool(rng.uniform() < 0.5),
+                weight=bool(rng.uniform() < 0.4),
                 sample_weight=bool(rng.uniform() < 0.4),
                 label_smoothing=float(rng.choice([0.0, 0.0, 0.1, 0.3])),
                 z_loss=float(rng.choice([0.0, 0.0, 1e-2])),
@@ -144,11 +147,11 @@ def _inputs(case, rng, dtype=np.float64):
     )  # fmt: skip
     y = np.where(y == -100, case["ignore_index"], y).astype(np.int32)
     v = case["v"]
-    bias = rng.normal(size=(v,)).astype(dtype) if case["bias"] else None
-    cw = rng.uniform(0.2, 2.0, size=(v,)).astype(dtype) if case["class_weight"] else None
+    bias = rng.normal(size=(v,)).astype(dtype) if case["linear_bias"] else None
+    cw = rng.uniform(0.2, 2.0, size=(v,)).astype(dtype) if case["weight"] else None
     sw = rng.uniform(0.5, 1.5, size=y.shape).astype(dtype) if case["sample_weight"] else None
     kw = dict(
-        weight_layout=case["layout"], class_weight=cw, sample_weight=sw,
+        weight_layout=case["layout"], weight=cw, sample_weight=sw,
         ignore_index=case["ignore_index"], label_smoothing=case["label_smoothing"],
         z_loss=case["z_loss"], logit_softcap=case["logit_softcap"], reduction=case["reduction"],
     )  # fmt: skip
@@ -161,10 +164,10 @@ def test_grid_value_and_grads_float64(case, rng, x64):
     cot = rng.normal(size=y.shape) if case["reduction"] == "none" else np.array(1.7)
 
     def ours(h, w, b):
-        return jnp.sum(cot * lce(h, w, y, bias=b, chunk_size=case["chunk_size"], **kw))
+        return jnp.sum(cot * lce(h, w, y, linear_bias=b, chunk_size=case["chunk_size"], **kw))
 
     def ref(h, w, b):
-        return jnp.sum(cot * reference(h, w, y, bias=b, **kw))
+        return jnp.sum(cot * reference(h, w, y, linear_bias=b, **kw))
 
     args = (h, w, bias)
     argnums = (0, 1, 2) if bias is not None else (0, 1)
@@ -237,11 +240,11 @@ def test_class_and_sample_weight_gradients(rng, x64):
         kw = dict(label_smoothing=0.25, z_loss=1e-2, reduction=reduction)
 
         def ours(cw, sw, kw=kw):
-            out = lce(h, w, y, class_weight=cw, sample_weight=sw, chunk_size=16, **kw)
+            out = lce(h, w, y, weight=cw, sample_weight=sw, chunk_size=16, **kw)
             return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
 
         def ref(cw, sw, kw=kw):
-            out = reference(h, w, y, class_weight=cw, sample_weight=sw, **kw)
+            out = reference(h, w, y, weight=cw, sample_weight=sw, **kw)
             return jnp.sum(out * jnp.arange(1.0, out.size + 1).reshape(out.shape))
 
         g, rg = jax.jit(jax.grad(ours, (0, 1)))(cw, sw), jax.jit(jax.grad(ref, (0, 1)))(cw, sw)
@@ -307,7 +310,7 @@ def test_low_precision_against_float64(dtype, layout, rng):
     hd, wd, bd = (jnp.asarray(a, dtype) for a in (h, w, b))
 
     def ours(h, w, b):
-        return lce(h, w, y, bias=b, chunk_size=128, **kw)
+        return lce(h, w, y, linear_bias=b, chunk_size=128, **kw)
 
     val, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(hd, wd, bd)
     assert val.dtype == jnp.float32
@@ -316,7 +319,7 @@ def test_low_precision_against_float64(dtype, layout, rng):
         # Reference on the same (rounded) inputs, in float64.
         h64, w64, b64 = (np.asarray(a, np.float64) for a in (hd, wd, bd))
         rval, rgrads = jax.jit(
-            jax.value_and_grad(lambda h, w, b: reference(h, w, y, bias=b, **kw), (0, 1, 2))
+            jax.value_and_grad(lambda h, w, b: reference(h, w, y, linear_bias=b, **kw), (0, 1, 2))
         )(h64, w64, b64)
     # float32 accumulation: the value is float32-accurate even for bfloat16 inputs;
     # bfloat16 gradients carry bfloat16 rounding (dz is rounded before the matmuls).
@@ -372,7 +375,7 @@ def test_matches_jsm_cross_entropy(rng):
         kw = dict(sample_weight=sw, label_smoothing=0.1, z_loss=1e-2, reduction=reduction)
 
         def ours(h, w, kw=kw):
-            return jnp.sum(lce(h, w, y, bias=b, class_weight=cw, chunk_size=48, **kw))
+            return jnp.sum(lce(h, w, y, linear_bias=b, weight=cw, chunk_size=48, **kw))
 
         def theirs(h, w, kw=kw):
             return jnp.sum(jsm.cross_entropy(h @ w + b, y, weight=cw, **kw))
@@ -388,11 +391,11 @@ def test_matches_jsm_cross_entropy(rng):
     "kwargs, exc, match",
     [
         (dict(hidden=np.ones((4, 3))), ValueError, "does not match `hidden`"),
-        (dict(weight=np.ones((8,))), ValueError, "must be 2-D"),
+        (dict(linear_weight=np.ones((8,))), ValueError, "must be 2-D"),
         (dict(labels=np.ones((4,))), TypeError, "`labels` must be integers"),
         (dict(labels=np.ones((5,), np.int32)), ValueError, "`labels` has shape"),
-        (dict(bias=np.ones((9,))), ValueError, r"`bias` has shape \(9,\)"),
-        (dict(class_weight=np.ones((7,))), ValueError, "`class_weight` has shape"),
+        (dict(linear_bias=np.ones((9,))), ValueError, r"`linear_bias` must have shape \(10,\)"),
+        (dict(weight=np.ones((7,))), ValueError, r"`weight` must have shape \(10,\)"),
         (dict(sample_weight=np.ones((3,))), ValueError, "`sample_weight` of shape"),
         (dict(weight_layout="xy"), ValueError, "`weight_layout`"),
         (dict(reduction="avg"), ValueError, "`reduction`"),
@@ -405,17 +408,19 @@ def test_matches_jsm_cross_entropy(rng):
         (dict(impl="pallas", return_lse=True), ValueError, "impl='pallas' does not support"),
         (dict(axis_name="v"), ValueError, "not a mesh axis of an enclosing"),
         (
-            dict(impl="pallas", class_weight=np.ones((10,)), label_smoothing=0.1),
+            dict(impl="pallas", weight=np.ones((10,)), label_smoothing=0.1),
             ValueError,
             "impl='pallas' does not support",
         ),
     ],
 )
 def test_bad_input(kwargs, exc, match):
-    args = dict(hidden=np.ones((4, 8)), weight=np.ones((8, 10)), labels=np.zeros((4,), np.int32))
+    args = dict(
+        hidden=np.ones((4, 8)), linear_weight=np.ones((8, 10)), labels=np.zeros((4,), np.int32)
+    )
     args.update(kwargs)
     with pytest.raises(exc, match=match):
-        lce(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+        lce(args.pop("hidden"), args.pop("linear_weight"), args.pop("labels"), **args)
 
 
 # ------------------------------------------------------------------------ memory
@@ -449,3 +454,63 @@ def test_large_bf16_case_compiles_under_two_gib():
     y = jax.ShapeDtypeStruct((8192,), jnp.int32)
     temp = _temp_bytes(lambda h, w, y: lce(h, w, y), h, w, y)
     assert temp < 2 * 2**30, temp / 2**30
+
+
+# -------------------------------------------------------- PyTorch 2.13 parity
+
+
+def _torch_linear_cases():
+    path = pathlib.Path(__file__).parent / "fixtures" / "torch_linear_golden.npz"
+    data = np.load(path)
+    meta = json.loads(str(data["__meta__"]))
+    return [(m, {k: data[f"{m['name']}/{k}"] for k in m["arrays"]}) for m in meta]
+
+
+@pytest.mark.parametrize("meta, a", _torch_linear_cases(), ids=lambda c: c.get("name", ""))
+def test_matches_torch_linear_cross_entropy(meta, a):
+    """``F.linear_cross_entropy`` (PyTorch 2.13, ``(V, D)`` weight) in value and gradients.
+
+    Fixtures from tests/fixtures/make_torch_linear_golden.py; torch is not needed here.
+    """
+    kw = dict(
+        weight=a.get("weight"),
+        ignore_index=meta["ignore_index"],
+        label_smoothing=meta["label_smoothing"],
+        reduction=meta["reduction"],
+        weight_layout="vd",
+    )
+    args = [a["hidden"], a["linear_weight"]] + ([a["linear_bias"]] if "linear_bias" in a else [])
+
+    @jax.jit
+    def run(args, cot):
+        f = lambda h, w, b=None: lce(h, w, a["labels"], linear_bias=b, chunk_size=8, **kw)
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(jnp.asarray(cot, out.dtype))
+
+    loss, grads = run(tuple(args), a["cotangent"])
+    np.testing.assert_allclose(loss, a["loss"], rtol=2e-5, atol=2e-6)
+    names = ("grad_hidden", "grad_linear_weight", "grad_linear_bias")
+    for g, name in zip(grads, names, strict=False):
+        np.testing.assert_allclose(g, a[name], rtol=2e-4, atol=2e-6, err_msg=name)
+
+
+def test_normalizer_and_loss_denominator(rng):
+    """`normalizer=` replaces the mean's denominator, which `loss_denominator` reproduces;
+    a Python number <= 0 is refused, a traced 0 is the all-ignored convention."""
+    h, w, y = make_case(rng, lead=(3, 7), d=8, v=50, dtype=np.float32)
+    cw = rng.uniform(0.3, 2.0, size=(50,)).astype(np.float32)
+    sw = rng.uniform(0.5, 1.5, size=y.shape).astype(np.float32)
+    kw = dict(weight=cw, sample_weight=sw, label_smoothing=0.1, chunk_size=16)
+
+    @jax.jit
+    def run(h, w, n):
+        den = jsm.loss_denominator(y, weight=cw, sample_weight=sw)
+        zero = jax.value_and_grad(lambda h: lce(h, w, y, normalizer=n, **kw))(h)
+        return lce(h, w, y, **kw), lce(h, w, y, normalizer=den, **kw), zero
+
+    mean, with_den, (zero, g_zero) = run(h, w, jnp.float32(0.0))
+    np.testing.assert_allclose(with_den, mean, rtol=1e-6)
+    assert float(zero) == 0.0 and not np.any(np.asarray(g_zero))
+    for bad in (0, -2.0):
+        with pytest.raises(ValueError, match="`normalizer` must be finite and > 0"):
+            lce(h, w, y, normalizer=bad)

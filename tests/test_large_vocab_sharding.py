@@ -55,7 +55,7 @@ def test_shard_map_matches_single_device(layout, reduction, rng):
 
     def parallel(h, w, b, cw):
         f = lambda h, w, b, cw, y, sw: jsm.linear_cross_entropy(  # noqa: E731
-            h, w, y, bias=b, class_weight=cw, sample_weight=sw, axis_name="v", **kw
+            h, w, y, linear_bias=b, weight=cw, sample_weight=sw, axis_name="v", **kw
         )
         loss, lse = jax.shard_map(
             f, mesh=mesh, in_specs=(P(), w_spec, P("v"), P("v"), P(), P()), out_specs=P()
@@ -64,7 +64,7 @@ def test_shard_map_matches_single_device(layout, reduction, rng):
 
     def single(h, w, b, cw):
         loss, lse = jsm.linear_cross_entropy(
-            h, w, y, bias=b, class_weight=cw, sample_weight=sw, **kw
+            h, w, y, linear_bias=b, weight=cw, sample_weight=sw, **kw
         )
         return jnp.sum(cot * loss), (loss, lse)
 
@@ -78,7 +78,7 @@ def test_shard_map_matches_single_device(layout, reduction, rng):
     np.testing.assert_allclose(loss, rloss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lse, rlse, rtol=1e-6)
     for name, g, rg in zip(
-        ("hidden", "weight", "bias", "class_weight"), grads, rgrads, strict=True
+        ("hidden", "linear_weight", "linear_bias", "weight"), grads, rgrads, strict=True
     ):
         assert rel_err(g, rg) < 1e-5, name
 
@@ -92,7 +92,7 @@ def test_shard_map_data_and_vocab_mesh(rng):
     def parallel(h, w, b):
         def local(h, w, b, y, cw):
             # `cw` is the whole (V,) vector here, replicated: also accepted.
-            part = jsm.linear_cross_entropy(h, w, y, bias=b, class_weight=cw, axis_name="v", **kw)
+            part = jsm.linear_cross_entropy(h, w, y, linear_bias=b, weight=cw, axis_name="v", **kw)
             return jax.lax.psum(part, "data")
 
         return jax.shard_map(
@@ -103,7 +103,7 @@ def test_shard_map_data_and_vocab_mesh(rng):
         )(h, w, b, y, cw)
 
     def single(h, w, b):
-        return jsm.linear_cross_entropy(h, w, y, bias=b, class_weight=cw, **kw)
+        return jsm.linear_cross_entropy(h, w, y, linear_bias=b, weight=cw, **kw)
 
     val, grads = jax.jit(jax.value_and_grad(parallel, (0, 1, 2)))(h, w, b)
     rval, rgrads = jax.jit(jax.value_and_grad(single, (0, 1, 2)))(h, w, b)
@@ -173,3 +173,93 @@ def test_shard_map_rejects_weight_not_sharded_over_axis(check_vma, w_spec, rng):
     )
     with pytest.raises(ValueError, match="does not vary over `axis_name`"):
         f(h, w, y)
+
+
+# ------------------------------------------------------- per-token statistics (issue 12)
+
+
+def _stats_objective(s, cots):
+    return sum(jnp.sum(c * getattr(s, f)) for f, c in cots.items())
+
+
+@pytest.mark.parametrize("layout, data_axis, top_k", [("dv", False, 40), ("vd", True, 3)])
+def test_shard_map_stats_match_single_device(layout, data_axis, top_k, rng):
+    """Global arg-max (ties across shards: first index) and top-k (k = 40 > V_LOCAL: each
+    shard has fewer than k candidates), entropy from the shards' sums, gradients."""
+    n = 16
+    h, w, y, b, *_ = make_inputs(rng, n=n, layout=layout)
+
+    # Row 0's best class copied into a later shard (the first copy must win), row 1's
+    # into an earlier one (the copy must win): exact ties across shards.
+    def copy_best(row, shift, avoid):
+        z = h @ (w if layout == "dv" else w.T) + b
+        src = int(np.argmax(z[row]))
+        dst = next(d for d in ((src + shift + i) % V for i in range(V)) if d not in avoid)
+        if layout == "dv":
+            w[:, dst] = w[:, src]
+        else:
+            w[dst] = w[src]
+        b[dst] = b[src]
+        return min(src, dst)
+
+    first0 = copy_best(0, 2 * V_LOCAL, ())
+    first1 = copy_best(1, V - V_LOCAL, (first0, *np.flatnonzero(b == b[first0])))
+    kw = dict(weight_layout=layout, logit_softcap=5.0, temperature=1.3, top_k=top_k)
+    cots = {
+        "lse": rng.normal(size=(n,)),
+        "label_logprob": rng.normal(size=(n,)),
+        "entropy": rng.normal(size=(n,)),
+        "topk_logprobs": rng.normal(size=(n, top_k)),
+    }
+    cots = {k: v.astype(np.float32) for k, v in cots.items()}
+    if data_axis:
+        mesh = Mesh(np.array(jax.devices()).reshape(2, N_SHARDS), ("data", "v"))
+        tok = P("data")
+    else:
+        mesh = Mesh(np.array(jax.devices()[:N_SHARDS]), ("v",))
+        tok = P()
+    w_spec = P(None, "v") if layout == "dv" else P("v", None)
+
+    def parallel(h, w, b):
+        f = lambda h, w, b, y: jsm.linear_softmax_stats(  # noqa: E731
+            h, w, y, linear_bias=b, axis_name="v", chunk_size=16, **kw
+        )
+        s = jax.shard_map(f, mesh=mesh, in_specs=(tok, w_spec, P("v"), tok), out_specs=tok)(
+            h, w, b, y
+        )
+        return _stats_objective(s, cots), s
+
+    def single(h, w, b):
+        s = jsm.linear_softmax_stats(h, w, y, linear_bias=b, chunk_size=16, **kw)
+        return _stats_objective(s, cots), s
+
+    (_, s), grads = jax.jit(jax.value_and_grad(parallel, (0, 1, 2), has_aux=True))(h, w, b)
+    (_, r), rgrads = jax.jit(jax.value_and_grad(single, (0, 1, 2), has_aux=True))(h, w, b)
+    for f in ("lse", "label_logprob", "entropy", "topk_logprobs"):
+        np.testing.assert_allclose(getattr(s, f), getattr(r, f), rtol=2e-5, atol=2e-5, err_msg=f)
+    for f in ("argmax", "correct", "topk_indices"):
+        np.testing.assert_array_equal(getattr(s, f), getattr(r, f), err_msg=f)
+    assert s.argmax[:2].tolist() == [first0, first1]
+    for name, g, rg in zip(("hidden", "linear_weight", "linear_bias"), grads, rgrads, strict=True):
+        assert rel_err(g, rg) < 1e-5, name
+
+
+def test_shard_map_return_stats(rng):
+    """linear_cross_entropy(return_stats=True) under axis_name: the same statistics."""
+    h, w, y, b, *_ = make_inputs(rng)
+    mesh = Mesh(np.array(jax.devices()[:N_SHARDS]), ("v",))
+    f = jax.shard_map(
+        lambda h, w, b, y: jsm.linear_cross_entropy(
+            h, w, y, linear_bias=b, axis_name="v", return_stats=True, top_k=2, **OPTIONS
+        ),
+        mesh=mesh,
+        in_specs=(P(), P(None, "v"), P("v"), P()),
+        out_specs=P(),
+    )
+    loss, s = jax.jit(f)(h, w, b, y)
+    rloss, r = jsm.linear_cross_entropy(
+        h, w, y, linear_bias=b, return_stats=True, top_k=2, **OPTIONS
+    )
+    np.testing.assert_allclose(loss, rloss, rtol=1e-5)
+    for name in jsm.SoftmaxStats._fields:
+        np.testing.assert_allclose(getattr(s, name), getattr(r, name), rtol=2e-5, err_msg=name)

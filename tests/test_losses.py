@@ -669,7 +669,7 @@ def test_impl_switch():
         (lambda x, y: jsm.nll_loss(x, y, weight=jnp.ones((6, 1))), ValueError, "weight"),
         (lambda x, y: jsm.focal_loss(x, y, gamma=-1.0), ValueError, "gamma"),
         (lambda x, y: jsm.focal_loss(x, y, alpha=jnp.ones(4)), ValueError, "alpha"),
-        (lambda x, y: jsm.binary_cross_entropy_with_logits(x, x[:2]), ValueError, "targets"),
+        (lambda x, y: jsm.binary_cross_entropy_with_logits(x, x[:2]), ValueError, "`labels`"),
         (
             lambda x, y: jsm.binary_cross_entropy_with_logits(x, x, pos_weight=jnp.ones(5)),
             ValueError,
@@ -751,6 +751,88 @@ def test_logit_adjust():
     assert jsm.logit_adjust(x.astype(jnp.bfloat16), pri, axis=1).dtype == jnp.bfloat16
     g = jax.grad(lambda t: jsm.logit_adjust(z, pri, tau=t).sum())(1.0)
     np.testing.assert_allclose(g, jnp.log(pri).sum(), rtol=1e-6)
+
+
+def test_logit_adjust_gradient_in_tau_at_zero(x64):
+    z = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]])
+    pri = jnp.array([0.5, 0.3, 0.2])
+    for tau in (0.0, 1.0, -0.5):
+        g = jax.grad(lambda t: jsm.logit_adjust(z, pri, tau=t).sum())(tau)
+        np.testing.assert_allclose(g, 2 * jnp.log(pri).sum(), rtol=1e-12)
+        check_grads(lambda t, z: jsm.logit_adjust(z, pri, tau=t), (tau, z), order=2)
+
+
+def test_logit_adjust_zero_and_negative_priors():
+    z = jnp.zeros((1, 3))
+    pri = jnp.array([0.5, 0.5, 0.0])
+    np.testing.assert_array_equal(jsm.logit_adjust(z, pri, tau=0.0), z)
+    assert jsm.logit_adjust(z, pri, tau=1.0)[0, 2] == -jnp.inf
+    assert jsm.logit_adjust(z, pri, tau=-1.0)[0, 2] == jnp.inf
+    g = jax.grad(lambda t: jsm.logit_adjust(z, pri, tau=t)[0, :2].sum())(0.0)
+    np.testing.assert_allclose(g, 2 * np.log(0.5), rtol=1e-6)
+    assert np.isnan(jsm.logit_adjust(z, jnp.array([0.5, -0.1, 0.6]), tau=0.0)[0, 1])
+    with pytest.raises(ValueError, match="`tau` must be finite"):
+        jsm.logit_adjust(z, pri, tau=float("inf"))
+
+
+# ---------------------------------------------------------- normalizer / denominator
+
+
+def _den_cases():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, (4, 6)).astype(np.int32)
+    y[rng.uniform(size=y.shape) < 0.3] = -100
+    return jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.float32), jnp.asarray(y), rng
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_loss_denominator_is_the_mean_denominator(weighted, sampled):
+    x, y, rng = _den_cases()
+    w = jnp.asarray(rng.uniform(0.2, 2.0, 5), jnp.float32) if weighted else None
+    sw = jnp.asarray(rng.uniform(0.0, 1.0, y.shape), jnp.float32) if sampled else None
+    den = jsm.loss_denominator(y, weight=w, sample_weight=sw)
+    for fn, scores in ((jsm.cross_entropy, x), (jsm.nll_loss, jax.nn.log_softmax(x))):
+        kw = dict(weight=w, sample_weight=sw)
+        mean = fn(scores, y, **kw)
+        np.testing.assert_allclose(fn(scores, y, reduction="sum", **kw) / den, mean, rtol=1e-6)
+        np.testing.assert_allclose(fn(scores, y, normalizer=den, **kw), mean, rtol=1e-6)
+    if not weighted:  # focal's alpha is not a normaliser: its denominator has no weight
+        focal = jsm.focal_loss(x, y, sample_weight=sw)
+        np.testing.assert_allclose(
+            jsm.focal_loss(x, y, sample_weight=sw, reduction="sum") / den, focal, rtol=1e-6
+        )
+
+
+def test_loss_denominator_bad_labels_and_edges():
+    assert np.isnan(jsm.loss_denominator(jnp.array([0, -3])))
+    assert np.isnan(jsm.loss_denominator(jnp.array([0, 3]), weight=jnp.ones(3)))
+    assert jsm.loss_denominator(jnp.array([0, 3])) == 2.0  # C is unknown without weight
+    assert jsm.loss_denominator(jnp.full((2, 3), -100)) == 0.0
+    assert jsm.loss_denominator(jnp.zeros((0,), jnp.int32)) == 0.0
+    assert jsm.loss_denominator(jnp.array([1, 7]), ignore_index=7) == 1.0
+    with pytest.raises(TypeError, match="integers"):
+        jsm.loss_denominator(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="`sample_weight`"):
+        jsm.loss_denominator(jnp.array([0, 1]), sample_weight=jnp.ones(3))
+
+
+def test_micro_batches_with_global_normalizer_equal_the_big_batch():
+    """Mean-of-means over micro-batches with different valid counts is not the big mean;
+    summing each micro-batch's loss with the global denominator is, exactly."""
+    x, y, _ = _den_cases()
+    y = y.at[0].set(-100).at[1, :5].set(-100)  # very different valid counts per row
+    big = jsm.cross_entropy(x, y)
+    parts = [(x[i], y[i]) for i in range(x.shape[0])]
+    mean_of_means = sum(jsm.cross_entropy(xi, yi) for xi, yi in parts) / len(parts)
+    assert abs(float(mean_of_means) - float(big)) > 1e-2
+    den = sum(jsm.loss_denominator(yi) for _, yi in parts)
+    exact = sum(jsm.cross_entropy(xi, yi, normalizer=den) for xi, yi in parts)
+    np.testing.assert_allclose(exact, big, rtol=1e-6)
+    g_big = jax.grad(lambda x: jsm.cross_entropy(x, y))(x)
+    part_grad = jax.grad(lambda xi, yi: jsm.cross_entropy(xi, yi, normalizer=den))
+    g_parts = jnp.stack([part_grad(xi, yi) for xi, yi in parts])
+    np.testing.assert_allclose(g_parts, g_big, rtol=1e-5, atol=1e-7)
 
 
 def test_label_on_neg_inf_logit_is_bad_like_a_where_mask():

@@ -1,7 +1,9 @@
 """Execute every notebook in ``examples/`` and check it is committed without outputs.
 
 Each notebook ends with a cell of ``assert`` statements on its key results, so running it
-to completion is the test. The kernel is this interpreter (a kernelspec written to a
+to completion is the test. The executed notebooks are saved to ``build/executed-notebooks/``
+(or ``$JSOFTMAX_EXECUTED_NOTEBOOKS``), where the documentation build picks them up instead
+of running every notebook a second time. The kernel is this interpreter (a kernelspec written to a
 temporary ``JUPYTER_PATH`` entry), so a fresh ``pip install -e ".[test]"`` venv tests its
 own jsoftmax, whatever other ``python3`` kernels the user has installed.
 """
@@ -17,7 +19,11 @@ import nbclient
 import nbformat
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+EXECUTED = pathlib.Path(
+    os.environ.get("JSOFTMAX_EXECUTED_NOTEBOOKS", ROOT / "build" / "executed-notebooks")
+)
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 KERNEL = "jsoftmax-test-python"
 
@@ -26,6 +32,7 @@ EXPECTED = {
     "02_imbalanced_classification.ipynb",
     "03_large_vocab_lm.ipynb",
     "04_calibration_open_set.ipynb",
+    "05_rl_token_logprobs.ipynb",
 }
 
 
@@ -86,3 +93,5 @@ def test_notebook_runs(path, kernel_env):
     last = nb.cells[-1]
     text = "".join(o.get("text", "") for o in last.outputs if o.output_type == "stream")
     assert "all checks passed" in text
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, EXECUTED / path.name)

@@ -25,12 +25,12 @@ FAMILY = (jsm.softmax, jsm.log_softmax, jsm.logsumexp)
 # ----------------------------------------------------------------- float64 references
 
 
-def ref_log_softmax(x, axis=-1, where=None, temperature=1.0, weights=None):
+def ref_log_softmax(x, axis=-1, where=None, temperature=1.0, weight=None):
     """Float64 numpy reference; inadmissible entries -inf, empty rows all -inf."""
     u = np.asarray(x, np.float64) / temperature
-    if weights is not None:
+    if weight is not None:
         with np.errstate(divide="ignore"):
-            u = u + np.log(np.asarray(weights, np.float64))
+            u = u + np.log(np.asarray(weight, np.float64))
     if where is not None:
         u = np.where(where, u, -INF)
     m = np.max(u, axis=axis, keepdims=True)
@@ -69,7 +69,7 @@ def test_log_softmax_worked_example_matches_float64():
 def test_logsumexp_and_hardmax_small_cases():
     np.testing.assert_allclose(jsm.logsumexp(jnp.array([0.0, 0.0])), np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(
-        jsm.logsumexp(jnp.array([1.0, 2.0]), weights=jnp.array([2.0, 0.0])),
+        jsm.logsumexp(jnp.array([1.0, 2.0]), weight=jnp.array([2.0, 0.0])),
         1 + np.log(2),
         rtol=1e-6,
     )
@@ -151,7 +151,7 @@ def test_fully_masked_rows_in_every_spelling(kind):
     if kind == "where":
         kw["where"] = jnp.array([[False, False, False], [True, True, True]])
     elif kind == "weights":
-        kw["weights"] = jnp.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+        kw["weight"] = jnp.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     else:
         xx = x.at[0].set(-INF)
     p = jsm.softmax(xx, **kw)
@@ -250,10 +250,10 @@ def test_weights_equal_adding_log_weights(xa, data):
     shifted = x + np.log(w).reshape(shape)
     xj = jnp.asarray(x, jnp.float32)
     np.testing.assert_allclose(
-        jsm.softmax(xj, axis, weights=w), ref_softmax(shifted, axis=axis), atol=1e-5
+        jsm.softmax(xj, axis, weight=w), ref_softmax(shifted, axis=axis), atol=1e-5
     )
     np.testing.assert_allclose(
-        jsm.logsumexp(xj, axis, weights=w),
+        jsm.logsumexp(xj, axis, weight=w),
         np.log(np.sum(np.exp(shifted), axis)),
         rtol=1e-5,
         atol=1e-5,
@@ -290,14 +290,14 @@ def test_where_matches_reference(xa, data):
 
 
 @pytest.mark.parametrize("f", [jsm.softmax, jsm.log_softmax, jsm.logsumexp])
-@pytest.mark.parametrize("kw", [{}, {"axis": 0}, {"where": "mask"}, {"weights": "w"}])
+@pytest.mark.parametrize("kw", [{}, {"axis": 0}, {"where": "mask"}, {"weight": "w"}])
 def test_check_grads_float64_both_modes_order_2(x64, f, kw):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5)) * 2, jnp.float64)
     kw = dict(kw)
     if kw.get("where") == "mask":
         kw["where"] = jnp.array([True, False, True, True, False])
-    if kw.get("weights") == "w":
-        kw["weights"] = jnp.array([0.5, 1.0, 2.0, 3.0, 0.25])
+    if kw.get("weight") == "w":
+        kw["weight"] = jnp.array([0.5, 1.0, 2.0, 3.0, 0.25])
     fn = functools.partial(f, **kw)
     if "where" in kw and f is jsm.log_softmax:
         fn = lambda x: jnp.where(kw["where"], functools.partial(f, **kw)(x), 0.0)  # noqa: E731
@@ -309,14 +309,14 @@ def test_check_grads_temperature_and_weights(x64, f):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 6)), jnp.float64)
     w = jnp.asarray(np.random.default_rng(3).uniform(0.2, 3.0, size=6), jnp.float64)
     check_grads(lambda t: f(x, temperature=t), (jnp.float64(0.7),), order=2, modes=("fwd", "rev"))
-    check_grads(lambda w: f(x, weights=w), (w,), order=2, modes=("fwd", "rev"))
+    check_grads(lambda w: f(x, weight=w), (w,), order=2, modes=("fwd", "rev"))
     check_grads(
-        lambda x, t, w: f(x, temperature=t, weights=w),
+        lambda x, t, w: f(x, temperature=t, weight=w),
         (x, jnp.float64(1.7), w),
         order=1,
         modes=("fwd", "rev"),
     )
-    check_grads(lambda w: jsm.logsumexp(x, weights=w), (w,), order=2, modes=("fwd", "rev"))
+    check_grads(lambda w: jsm.logsumexp(x, weight=w), (w,), order=2, modes=("fwd", "rev"))
 
 
 def test_temperature_gradient_matches_autodiff_of_division():
@@ -440,14 +440,16 @@ def test_bad_input_errors_name_the_argument():
             jsm.softmax(x, temperature=t)
     with pytest.raises(ValueError, match="temperature"):
         jsm.softmax(x, temperature=jnp.ones(2))
-    with pytest.raises(ValueError, match="weights"):
-        jsm.softmax(x, weights=jnp.ones(4))
-    with pytest.raises(ValueError, match=r"weights.*\(2, 2\)"):
-        jsm.logsumexp(x, weights=jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match="weight"):
+        jsm.softmax(x, weight=jnp.ones(4))
+    with pytest.raises(ValueError, match=r"weight.*\(2, 2\)"):
+        jsm.logsumexp(x, weight=jnp.ones((2, 2)))
     with pytest.raises(ValueError, match="softmax2d"):
         jsm.softmax2d(jnp.ones((2, 3)))
     with pytest.raises(TypeError, match="axis"):
-        jsm.hardmax(x, axis=(0, 1))
+        jsm.hardmax(x, axis=1.0)
+    with pytest.raises(ValueError, match="repeats"):
+        jsm.hardmax(x, axis=(0, -2))
 
 
 def test_traced_non_positive_temperature_poisons_instead_of_lying():
@@ -472,6 +474,25 @@ def test_hardmax_ties_dtype_and_zero_gradient():
     np.testing.assert_array_equal(
         jax.grad(lambda x: jnp.sum(jsm.hardmax(x) ** 2))(x.astype(jnp.float32)), 0.0
     )
+
+
+@pytest.mark.parametrize("axis", [(0, 2), (2, 0), (-1,), (1, 2), (0, 1, 2)])
+def test_hardmax_over_a_tuple_of_axes(axis):
+    """One 1 per joint slice, at the first arg-max in row-major order over `axis` sorted
+    as given; equal to the zero-temperature limit of softmax when there is no tie."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    h = np.asarray(jsm.hardmax(x, axis=axis))
+    axes = tuple(a % 3 for a in axis)
+    np.testing.assert_array_equal(h.sum(axis=axes), 1.0)
+    np.testing.assert_array_equal(h, np.asarray(jsm.softmax(x, axis, temperature=1e-6)) > 0.5)
+    # Ties: the first maximum in the order of `axis` wins.
+    t = np.zeros((2, 2), np.float32)
+    first = np.asarray(jsm.hardmax(t, axis=(1, 0)))
+    np.testing.assert_array_equal(first, [[1, 0], [0, 0]])
+    t[0, 1] = t[1, 0] = 1.0
+    np.testing.assert_array_equal(jsm.hardmax(t, axis=(0, 1)), [[0, 1], [0, 0]])
+    np.testing.assert_array_equal(jsm.hardmax(t, axis=(1, 0)), [[0, 0], [1, 0]])
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 4, 5)])

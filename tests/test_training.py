@@ -149,3 +149,104 @@ def test_library_losses_plug_into_the_same_loop():
     curve = np.asarray(curve)
     assert np.isfinite(curve).all()
     assert curve[-N_BATCHES:].mean() < 0.6 * curve[:2].mean(), curve
+
+
+# ------------------------------------------ exact means across micro-batches and devices
+#
+# Each accumulation step holds K micro-batches with *different* numbers of valid tokens
+# (the rest is padding, label -100). The big-batch loss is the mean over all valid
+# tokens of the step; the mean of the micro-batch means is not, unless every micro-batch
+# is divided by the step's global denominator (`normalizer=`).
+
+K = 2  # micro-batches (or devices) per step
+N_STEPS = 6
+VALID = (64, 11)  # valid tokens per micro-batch, by position in the step
+
+
+def lm_head_data():
+    xs, ys = digits()
+    xs, ys = xs[: N_STEPS * K], np.array(ys[: N_STEPS * K])
+    for i in range(len(ys)):
+        ys[i, VALID[i % K] :] = -100
+    return jnp.asarray(xs), jnp.asarray(ys)
+
+
+def lm_head_loss(params, x, y, normalizer=None):
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jsm.linear_cross_entropy(
+        hidden, params["w2"], y, linear_bias=params["b2"], normalizer=normalizer
+    )
+
+
+def _run(step_fn, opt, batches):
+    params = init_params()
+
+    def step(carry, batch):
+        params, state = carry
+        grads = step_fn(params, *batch)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), batches)
+    return params
+
+
+def _max_rel_diff(a, b):
+    return max(
+        float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def big_batch_params():
+    xs, ys = lm_head_data()
+    big = (xs.reshape(N_STEPS, K * BATCH, 64), ys.reshape(N_STEPS, K * BATCH))
+    return _run(jax.grad(lm_head_loss), optax.adam(1e-2), big)
+
+
+def test_multisteps_with_global_normalizer_equals_big_batch():
+    xs, ys = lm_head_data()
+    # The denominator of each accumulation step, computed on device from all K
+    # micro-batches' labels, handed to each of them.
+    dens = jax.vmap(jsm.loss_denominator)(ys.reshape(N_STEPS, K * BATCH))
+    dens = jnp.repeat(dens, K)
+    # use_grad_mean=False: MultiSteps sums the K gradients; each is already divided by
+    # the step's denominator, so the sum is the big-batch gradient.
+    exact_opt = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=K, use_grad_mean=False)
+    exact = jax.jit(lambda: _run(jax.grad(lm_head_loss), exact_opt, (xs, ys, dens)))()
+    naive_opt = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=K)
+    naive = jax.jit(lambda: _run(jax.grad(lm_head_loss), naive_opt, (xs, ys)))()
+    big = big_batch_params()
+    assert _max_rel_diff(exact, big) < 5e-5, _max_rel_diff(exact, big)
+    assert _max_rel_diff(naive, big) > 1e-2, _max_rel_diff(naive, big)
+
+
+def test_data_parallel_with_psum_normalizer_equals_big_batch():
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    xs, ys = lm_head_data()
+    # One step's K micro-batches become its K devices' shards of the global batch.
+    xs, ys = xs.reshape(N_STEPS, K * BATCH, 64), ys.reshape(N_STEPS, K * BATCH)
+    mesh = Mesh(np.array(jax.devices()[:K]), ("data",))
+
+    def data_parallel(local_loss):
+        return jax.shard_map(
+            local_loss, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()
+        )
+
+    @data_parallel
+    def exact_loss(params, x, y):
+        den = jax.lax.psum(jsm.loss_denominator(y), "data")  # on device, no host sync
+        return jax.lax.psum(lm_head_loss(params, x, y, normalizer=den), "data")
+
+    @data_parallel
+    def naive_loss(params, x, y):
+        return jax.lax.pmean(lm_head_loss(params, x, y), "data")
+
+    exact = jax.jit(lambda: _run(jax.grad(exact_loss), optax.adam(1e-2), (xs, ys)))()
+    naive = jax.jit(lambda: _run(jax.grad(naive_loss), optax.adam(1e-2), (xs, ys)))()
+    big = big_batch_params()
+    assert _max_rel_diff(exact, big) < 5e-5, _max_rel_diff(exact, big)
+    assert _max_rel_diff(naive, big) > 1e-2, _max_rel_diff(naive, big)
