@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _impl
+from jsoftmax import _compat, _impl
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
 from jsoftmax._checks import label_check
@@ -161,12 +161,7 @@ def _vma(*arrays) -> frozenset:
     out = frozenset()
     for a in arrays:
         if a is not None:
-            aval = jax.typeof(a)
-            # `aval.vma` in jax <= 0.8; `aval.mat.varying` since.
-            vma = getattr(aval, "vma", None)
-            if vma is None:
-                vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
-            out |= frozenset(vma)
+            out |= _compat.vma(a)
     return out
 
 
@@ -179,7 +174,7 @@ def _as_varying(tree, vma):
 
     def cast(x):
         missing = tuple(a for a in vma if a not in _vma(x))
-        return lax.pcast(x, missing, to="varying") if missing else x
+        return _compat.pvary(x, missing) if missing else x
 
     return jax.tree.map(cast, tree)
 

@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jsoftmax import _compat
+
 # --------------------------------------------------------------------------- dtypes
 
 
@@ -85,7 +87,7 @@ def stable_shift(
     m = jnp.max(u, axis=axis, keepdims=True)
     posinf = m == jnp.inf
     u = jnp.where(posinf, jnp.where(u == jnp.inf, 0.0, -jnp.inf), u)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    m = jax.lax.stop_gradient(jnp.where(_compat.isfinite(m), m, 0.0))
     return u - m, m, posinf
 
 
@@ -103,7 +105,7 @@ def online_combine(
     2018). Safe when either side is empty (max ``-inf``, sum 0): no ``-inf - -inf``.
     """
     m = jnp.maximum(m_a, m_b)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    m_safe = jnp.where(_compat.isfinite(m), m, 0.0)
     s = s_a * jnp.exp(jnp.where(s_a > 0, m_a - m_safe, 0.0)) + s_b * jnp.exp(
         jnp.where(s_b > 0, m_b - m_safe, 0.0)
     )
@@ -112,7 +114,7 @@ def online_combine(
 
 def finish_logsumexp(m: jax.Array, s: jax.Array) -> jax.Array:
     """``m + log s`` with an empty row (``s == 0``) giving ``-inf``."""
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    m_safe = jnp.where(_compat.isfinite(m), m, 0.0)
     return jnp.where(s > 0, m_safe + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
 
 

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
+from jsoftmax._compat import plgpu
 
 BACKENDS = ("tpu", "gpu")
 

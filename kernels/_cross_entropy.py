@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
+from jsoftmax._compat import plgpu
 
 from . import _common as cm
 

@@ -50,10 +50,10 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 from jax.interpreters import mlir
 
 from jsoftmax import _numerics as num
+from jsoftmax._compat import plgpu
 
 from . import _common as cm
 

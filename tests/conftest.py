@@ -17,6 +17,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from jsoftmax import _compat  # noqa: E402
+
 # jit compilation dominates example time; deadlines would only measure compile noise.
 settings.register_profile(
     "default",
@@ -32,7 +34,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 @pytest.fixture
 def x64():
     """Run the test body with float64 enabled (for float64 references and check_grads)."""
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         yield
 
 

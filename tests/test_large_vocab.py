@@ -17,6 +17,7 @@ import pytest
 from _references import ref_cross_entropy
 
 import jsoftmax as jsm
+from jsoftmax import _compat
 
 lce = jsm.linear_cross_entropy
 
@@ -314,7 +315,7 @@ def test_low_precision_against_float64(dtype, layout, rng):
     val, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(hd, wd, bd)
     assert val.dtype == jnp.float32
     assert [g.dtype for g in grads] == [dtype] * 3
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         # Reference on the same (rounded) inputs, in float64.
         h64, w64, b64 = (np.asarray(a, np.float64) for a in (hd, wd, bd))
         rval, rgrads = jax.jit(

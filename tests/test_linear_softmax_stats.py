@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jsoftmax as jsm
+from jsoftmax import _compat
 
 stats_fn = jsm.linear_softmax_stats
 FLOAT_FIELDS = ("lse", "label_logprob", "entropy", "topk_logprobs")
@@ -142,7 +143,7 @@ def test_bf16_inputs_against_float64(rng):
     (_, s), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(h, w, b)
     assert [s.lse.dtype, s.entropy.dtype, s.label_logprob.dtype] == [jnp.float32] * 3
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         # Reference on the same (rounded) inputs, in float64.
         h64, w64, b64 = (np.asarray(a, np.float64) for a in (h, w, b))
 

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jsoftmax as jsm
-from jsoftmax import _losses
+from jsoftmax import _compat, _losses
 
 # Jitted entry points: one compilation per test instead of one per primitive (eager
 # dispatch compiles every op separately, which dominates small tests).
@@ -521,7 +521,7 @@ def test_focal_gamma_zero_is_cross_entropy(x, y, reduction):
 )
 def test_smoothing_and_z_loss_match_float64_reference(x, y, eps, lam, shift):
     w = np.linspace(0.3, 2.0, 7)
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         ref = ref_cross_entropy(x + shift, y, weight=w, label_smoothing=eps, z_loss=lam)
     got = ce((x + shift).astype(np.float32), y, weight=w, label_smoothing=eps, z_loss=lam)
     # float32 inputs: the error is that of rounding the logits (|x|·2^-24 per logit,
@@ -538,7 +538,7 @@ def test_smoothing_and_z_loss_match_float64_reference(x, y, eps, lam, shift):
 def test_bf16_logits_give_float32_accurate_losses(x, y):
     xb = jnp.asarray(x).astype(jnp.bfloat16)
     got = ce(xb, y, reduction="none", label_smoothing=0.1, z_loss=1e-3)
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         want = ref_cross_entropy(
             np.asarray(xb.astype(jnp.float32), np.float64),
             y,

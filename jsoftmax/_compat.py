@@ -1,0 +1,110 @@
+"""The one place for differences between the supported JAX versions.
+
+The oldest supported set is pinned in ``.ci/oldest.txt`` and declared as the floor in
+``pyproject.toml``; CI runs the whole suite on it and on the newest release. Code that
+needs an API younger than the floor goes through a helper here instead of testing the
+JAX version at the call site, so dropping an old version means deleting a branch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_JAX = jax.__version_info__
+
+
+def vma(x: jax.Array) -> frozenset:
+    """Mesh axes (inside ``shard_map``) over which ``x`` varies; empty outside.
+
+    Read from the abstract value: ``aval.vma`` up to jax 0.8, ``aval.mat.varying`` since.
+    """
+    aval = jax.typeof(x)
+    axes = getattr(aval, "vma", None)
+    if axes is None:
+        axes = getattr(getattr(aval, "mat", None), "varying", frozenset())
+    return frozenset(axes)
+
+
+if hasattr(lax, "pcast"):  # jax >= 0.8.2
+
+    def pvary(x: jax.Array, axes: Sequence[Hashable]) -> jax.Array:
+        """Mark ``x`` as varying over the mesh ``axes`` (no data movement)."""
+        return lax.pcast(x, tuple(axes), to="varying")
+
+else:
+
+    def pvary(x: jax.Array, axes: Sequence[Hashable]) -> jax.Array:
+        """Mark ``x`` as varying over the mesh ``axes`` (no data movement)."""
+        return lax.pvary(x, tuple(axes))
+
+
+if _JAX >= (0, 8, 2):
+    isfinite = jnp.isfinite
+else:
+
+    def isfinite(x: jax.Array) -> jax.Array:
+        """``jnp.isfinite`` for floats, spelled so that Pallas' Triton lowering accepts it.
+
+        Triton lowering has no rule for ``is_finite`` before jax 0.8.2; ``|x| < inf`` is
+        the same predicate (False for ±inf and NaN) from primitives it does lower.
+        """
+        return jnp.abs(x) < jnp.inf
+
+
+if hasattr(jax, "enable_x64"):  # jax >= 0.8
+    enable_x64 = jax.enable_x64
+else:
+
+    @contextlib.contextmanager
+    def enable_x64(new_val: bool = True):
+        """Context manager that enables (or disables) float64 in its body."""
+        from jax.experimental import enable_x64 as _enable_x64
+
+        with _enable_x64(new_val):
+            yield
+
+
+# ------------------------------------------------------------------ Pallas (kernels/)
+
+
+class _TritonRefLoads:
+    """``jax.experimental.pallas.triton`` plus its ``load``/``store`` for jax < 0.7.2.
+
+    Those two arrived in 0.7.2 as thin wrappers of ``pl.load(ref, None, ...)`` and
+    ``pl.store(ref, None, ...)`` (the same primitives, indexing taken from a
+    ``ref.at[...]`` view); before that the generic ones are the only spelling.
+    """
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    @staticmethod
+    def load(ref, *, mask=None, other=None, **kwargs):
+        from jax.experimental import pallas as pl
+
+        return pl.load(ref, None, mask=mask, other=other, **kwargs)
+
+    @staticmethod
+    def store(ref, val, *, mask=None, **kwargs):
+        from jax.experimental import pallas as pl
+
+        pl.store(ref, None, val, mask=mask, **kwargs)
+
+
+def __getattr__(name: str):
+    # Lazy so that importing jsoftmax does not import Pallas; only kernels/ needs it.
+    if name == "plgpu":
+        from jax.experimental.pallas import triton
+
+        module = triton if hasattr(triton, "load") else _TritonRefLoads(triton)
+        globals()["plgpu"] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
