@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jsoftmax as jsm
@@ -75,7 +76,6 @@ def test_per_class_weights_are_called_weight():
 
 
 def test_optax_dropins_keep_optax_names():
-    optax = pytest.importorskip("optax", reason="optax is a runtime dependency")
     for name in ("softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels",
                  "sigmoid_binary_cross_entropy", "sigmoid_focal_loss"):  # fmt: skip
         ours = list(inspect.signature(getattr(jsm.optax, name)).parameters)
