@@ -74,16 +74,24 @@ TARGETS_BY_NAME = {t.name: t for t in TARGETS}
 def missing(platform: str | None = None) -> str | None:
     """What of the ``[aot]`` extra is absent (for ``platform`` or both), or ``None``."""
     need = []
-    if platform in (None, "tpu") and importlib.util.find_spec("libtpu") is None:
+    if platform in (None, "tpu") and not _has_module("libtpu"):
         need.append("libtpu")
     if platform in (None, "cuda"):
-        if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        if not _has_module("jax_plugins.xla_cuda12"):
             need.append("jax-cuda12-plugin")
         if _ptxas() is None:
             need.append("nvidia-cuda-nvcc-cu12 (ptxas)")
     if not need:
         return None
     return f"{', '.join(need)} not installed; `{INSTALL_HINT}` installs the compilers"
+
+
+def _has_module(name: str) -> bool:
+    # find_spec imports the parent packages: a missing ``jax_plugins`` raises, not None.
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _ptxas() -> str | None:
