@@ -5,7 +5,7 @@ one jitted program per route -- ``pallas`` (the kernel), ``xla`` (jsoftmax's own
 path, what ``impl="auto"`` runs today) and ``naive`` (the textbook composition, e.g.
 ``h @ W`` + optax). :func:`run` first checks the pallas route against the xla route at
 the benchmark shape (values and gradients), then times the routes interleaved
-(``P X N P X N ...`` after warm-up, median of the per-round ratios, as PERF.md asks) and
+(``P X N P X N ...`` after warm-up, median of the per-round ratios) and
 reads each program's temporary memory from ``compile().memory_analysis()``.
 
 To add a benchmark (say a new kernel), append a :class:`Bench` to the list a script
@@ -189,7 +189,7 @@ def softmax_bench(n: int, c: int, dtype: Any, *, log: bool = False) -> Bench:
 def softmax_forward_bench(n: int, c: int, dtype: Any) -> Bench:
     """Softmax forward; ``naive`` is an elementwise pass (one read, one write: the same
     bytes as a copy, the floor for any softmax), so ``pallas/naive`` is the inverse of the
-    fraction of copy bandwidth reached (PERF.md asks >= 70 %)."""
+    fraction of copy bandwidth reached (the target is >= 70 %)."""
     import jsoftmax as jsm
     from jsoftmax import kernels
 

@@ -1,8 +1,8 @@
-"""The PERF.md benchmark table; the same code as ``jsoftmax bench``.
+"""The performance benchmark table; the same code as ``jsoftmax bench``.
 
 Usage::
 
-    python benchmarks/bench.py            # full PERF.md shapes, 7 interleaved pairs per row
+    python benchmarks/bench.py            # full shapes, 7 interleaved pairs per row
     python benchmarks/bench.py --quick    # smaller shapes, under a minute
     python benchmarks/bench.py --json results.json
 """

@@ -1,7 +1,7 @@
 """GPU benchmark of the Pallas kernels (``jsoftmax.kernels``) against XLA: one short script.
 
 For each row: correctness first (the kernel route against jsoftmax's XLA route at the
-benchmark shape, values and gradients), then interleaved timing (PERF.md's method: jit,
+benchmark shape, values and gradients), then interleaved timing (the method: jit,
 warm-up, rounds of pallas / xla / naive, median of the per-round ratios) and the
 compiler's temporary memory of each route. Prints the README's table (markdown).
 
@@ -52,7 +52,7 @@ def benches(size: str, cpu: bool) -> list[kb.Bench]:
     return [
         kb.softmax_bench(16384, 4096, f32),  # one pass: a row is one register tile
         kb.softmax_forward_bench(4096, 32768, f32),
-        kb.softmax_bench(4096, 32768, f32),  # PERF.md's shape: two passes per row
+        kb.softmax_bench(4096, 32768, f32),  # the performance table's shape: two passes per row
         kb.softmax_bench(1024, 262144, bf16, log=True),  # 256k vocabulary
         kb.cross_entropy_bench(4096, 32768, f32),
         kb.cross_entropy_bench(8192, 131072, bf16),

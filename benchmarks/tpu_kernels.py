@@ -1,7 +1,7 @@
 """TPU benchmark of the Pallas kernels (``jsoftmax.kernels``) against XLA: one short script.
 
 For each row: correctness first (the kernel route against jsoftmax's XLA route at the
-benchmark shape, values and gradients), then interleaved timing (PERF.md's method: jit,
+benchmark shape, values and gradients), then interleaved timing (the method: jit,
 warm-up, rounds of pallas / xla / naive, median of the per-round ratios) and the
 compiler's temporary memory of each route. Prints the README's table (markdown).
 

@@ -1,6 +1,6 @@
-"""``jsoftmax bench``: the PERF.md table, measured now on this machine.
+"""``jsoftmax bench``: the performance table, measured now on this machine.
 
-Method (PERF.md): every function is ``jax.jit``-compiled once through
+Method: every function is ``jax.jit``-compiled once through
 ``jax.jit(f).lower(*args).compile()`` — the compiled object is both timed and asked for
 its ``memory_analysis()`` (temporary, argument and output bytes; deterministic). Timing
 warms both functions up, then runs candidate and baseline interleaved, alternating which
@@ -23,7 +23,7 @@ Rows:
   (``jax.nn.log_softmax``), at the linear cross-entropy row's shape.
 
 ``--quick`` uses smaller shapes and 5 pairs (under a minute on 2 cores); its rows are
-labelled "quick" and do not stand in for the PERF.md numbers.
+labelled "quick" and do not stand in for the full-size numbers.
 """
 
 from __future__ import annotations
@@ -478,7 +478,7 @@ def main(args: Any) -> int:
     )
     if sizes.label != "full":
         print(
-            f"NOTE: {sizes.label} mode uses smaller shapes and fewer pairs than PERF.md; the "
+            f"NOTE: {sizes.label} mode uses smaller shapes and fewer pairs than the full run; the "
             "targets are stated for the full shapes, so met* is indicative only."
         )
     print()

@@ -14,7 +14,7 @@ and :func:`reliability_diagram`:
   left out of the statistic and its denominator;
 * any other label outside ``[0, C)``, or a label on a class the row gives probability 0
   (a ``-inf``-masked logit), is bad input that can only be seen at run time: the result
-  is NaN (poison that shows up, SPEC §6) instead of a silently plausible number.
+  is NaN (poison that shows up) instead of a silently plausible number.
 """
 
 from __future__ import annotations

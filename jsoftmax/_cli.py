@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure the PERF.md table now: time ratios against jax.nn/optax and compiled "
+        help="measure the performance table now: time ratios against jax.nn/optax and compiled "
         "temporary memory",
         description="Time (interleaved, median of per-pair ratios) and compiled temporary "
         "memory of jsoftmax against jax.nn / optax baselines.",

@@ -965,7 +965,7 @@ def _linear_cross_entropy(
     )  # fmt: skip
     h2 = h2.astype(cfg.compute_dtype)
 
-    # l_i = γ_i (lse − z_y) + δ_i (Σ_c w_c lse − Σ_c w_c z_c) + β_i lse²: SPEC §2's formula
+    # l_i = γ_i (lse − z_y) + δ_i (Σ_c w_c lse − Σ_c w_c z_c) + β_i lse²: the loss formula
     # written with the three per-token statistics of the chunked core.
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y, w_sum = None, float(n_vocab)

@@ -15,7 +15,7 @@ per-position cotangent, so ``reduction="none"`` with any cotangent is exact, and
 reductions themselves are plain JAX outside the ``custom_vjp`` (so ``sample_weight`` and
 the weighted-mean denominator are differentiated by JAX itself).
 
-Bad labels are caught in two ways (SPEC §6): the loss *and the gradient* of a bad
+Bad labels are caught in two ways: the loss *and the gradient* of a bad
 position are NaN, and a ``checkify.debug_check`` (see ``_checks.py``) names the first
 bad position when the caller uses ``jsoftmax.checked``.
 """
@@ -319,7 +319,7 @@ def _int_label_masks(
     """``(valid, bad)`` per position; emits the label debug check.
 
     With ``logits`` given, a label whose logit is ``-inf`` is bad too: ``-inf`` masks a
-    class exactly as ``where=False`` does (SPEC §1), so both get the same NaN poison
+    class exactly as ``where=False`` does, so both get the same NaN poison
     instead of one giving NaN and the other ``+inf``.
     """
     valid = labels != ignore_index

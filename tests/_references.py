@@ -1,4 +1,4 @@
-"""Plain-jnp references shared by the loss tests (written from the SPEC formulas)."""
+"""Plain-jnp references shared by the loss tests (written from the documented formulas)."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ def ref_cross_entropy(
     where=None,
     reduction="mean",
 ):
-    """Plain-jnp cross-entropy straight from the SPEC formulas (autodiff gives its gradient)."""
+    """Plain-jnp cross-entropy from the documented formulas (autodiff gives its gradient)."""
     x = jnp.asarray(x)
     x = jnp.moveaxis(x, axis, -1)
     c = x.shape[-1]

@@ -1,5 +1,5 @@
 """Tests for jsoftmax/_calibration.py: temperature scaling, ECE, reliability diagrams and
-open-set scores (SPEC §7).
+open-set scores.
 
 References are float64 numpy; planted-parameter tests draw labels from a known model so
 the optimum is known in advance.

@@ -412,7 +412,7 @@ def test_cross_entropy_neg_inf_logits(style, rng):
     assert loss[0] == np.inf and loss[1] == np.inf
     zm = z[2][z[2] > NEG_INF]
     np.testing.assert_allclose(loss[2], np.log(np.exp(zm).sum()) - z[2, 7], rtol=1e-5)
-    # Gradients stay finite everywhere (SPEC §6), zero at -inf entries but the label.
+    # Gradients stay finite everywhere, zero at -inf entries but the label.
     assert np.isfinite(dz).all()
     assert np.all(dz[2, ::2] == 0.0)
     np.testing.assert_allclose(dz[0], -np.eye(200)[3], atol=0)

@@ -1,7 +1,7 @@
 """Tests for jsoftmax/_large_vocab.py: linear_cross_entropy without materialised logits.
 
 Every check compares against a float64 reference that *does* materialise the logits
-(``hidden @ weight + bias``) and applies SPEC §2's cross-entropy formulas directly.
+(``hidden @ weight + bias``) and applies the documented cross-entropy formulas directly.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def reference(
     logit_softcap=None,
     reduction="mean",
 ):
-    """``ref_cross_entropy`` (SPEC §2 formulas) on the materialised, soft-capped logits."""
+    """``ref_cross_entropy`` (the documented formulas) on the materialised, soft-capped logits."""
     w = linear_weight if weight_layout == "dv" else linear_weight.T
     z = hidden @ w
     if linear_bias is not None:
@@ -174,7 +174,7 @@ def test_grid_value_and_grads_float64(case, rng, x64):
     val, grads = jax.jit(jax.value_and_grad(ours, argnums=argnums))(*args)
     rval, rgrads = jax.jit(jax.value_and_grad(ref, argnums=argnums))(*args)
     if np.all(y == case["ignore_index"]) and case["reduction"] == "mean":
-        rval = 0.0  # SPEC: an all-ignored mean is 0.0, not PyTorch's NaN
+        rval = 0.0  # the library's rule: an all-ignored mean is 0.0, not PyTorch's NaN
         rgrads = jax.tree.map(jnp.zeros_like, rgrads)
     np.testing.assert_allclose(val, rval, rtol=1e-10, atol=1e-12)
     for g, rg in zip(grads, rgrads, strict=True):
@@ -432,7 +432,7 @@ def _temp_bytes(f, *args):
 
 
 def test_memory_is_an_eighth_of_naive():
-    """PERF.md: N=2048, D=512, V=65536 f32, value_and_grad w.r.t. hidden and weight."""
+    """Target: N=2048, D=512, V=65536 f32, value_and_grad w.r.t. hidden and weight."""
     n, d, v = 2048, 512, 65536
     h = jax.ShapeDtypeStruct((n, d), jnp.float32)
     w = jax.ShapeDtypeStruct((d, v), jnp.float32)

@@ -351,7 +351,7 @@ def test_bad_input_return_stats(kwargs, match):
 
 
 def test_memory_is_an_eighth_of_naive():
-    """PERF.md: value_and_grad of label_logprob.sum() + 0.01 * entropy.sum() w.r.t.
+    """The performance target: value_and_grad of label_logprob.sum() + 0.01 * entropy.sum() w.r.t.
     hidden and weight, N=2048, D=512, V=65536 float32 — compiled, never run."""
     n, d, v = 2048, 512, 65536
     args = (
