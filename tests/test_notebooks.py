@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import nbclient
@@ -33,6 +34,8 @@ EXPECTED = {
     "03_large_vocab_lm.ipynb",
     "04_calibration_open_set.ipynb",
     "05_rl_token_logprobs.ipynb",
+    "07_flax_nnx_lm.ipynb",
+    "08_equinox_digits.ipynb",
 }
 
 
@@ -67,6 +70,21 @@ def kernel_env(tmp_path_factory):
 
 def test_all_notebooks_present():
     assert {p.name for p in NOTEBOOKS} == EXPECTED
+
+
+def test_network_libraries_are_example_extras_only():
+    # Notebooks 07 and 08 train Flax NNX and Equinox models; jsoftmax itself needs neither.
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda reqs: {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in reqs}
+    assert not {"flax", "equinox"} & names(project["dependencies"])
+    for extra in ("test", "docs"):
+        assert {"flax", "equinox"} <= names(project["optional-dependencies"][extra]), extra
+    code = (
+        "import sys, jsoftmax, jsoftmax.optax, jsoftmax.kernels; "
+        "sys.exit(bool({'flax', 'equinox'} & set(sys.modules)))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
