@@ -86,6 +86,9 @@ def test_notebooks_are_rendered_with_outputs(site):
     for page in pages:
         text = page.read_text("utf-8")
         assert "all checks passed" in text, f"{page.name}: rendered without its outputs"
+        source = (ROOT / "examples" / f"{page.stem}.ipynb").read_text("utf-8")
+        if "plt.show()" in source:  # a notebook that draws shows its figures
+            assert "<img" in text, f"{page.name}: its figures are missing"
 
 
 def _chromium() -> str:

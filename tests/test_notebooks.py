@@ -54,7 +54,8 @@ def kernel_env(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("JUPYTER_PATH", str(root) + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
     # The notebooks run as a user would: one CPU device (conftest simulates 8 for the
-    # sharding tests), a non-interactive matplotlib backend, and no GPU probing.
+    # sharding tests), matplotlib's inline backend (figures become image outputs, which the
+    # docs render; no window is opened), and no GPU probing.
     mp.setenv(
         "XLA_FLAGS",
         os.environ.get("XLA_FLAGS", "")
@@ -62,7 +63,7 @@ def kernel_env(tmp_path_factory):
         .strip(),
     )
     mp.setenv("JAX_PLATFORMS", "cpu")
-    mp.setenv("MPLBACKEND", "Agg")
+    mp.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     mp.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     yield
     mp.undo()
