@@ -468,9 +468,10 @@ def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
         per_token = div
     else:
         base = stu.keep.astype(acc)
-        per_token = jnp.where(stu.keep, div, 0.0)
-        per_token = num.poison_cotangent(per_token, stu.bad)
-        per_token = jnp.where(stu.bad, jnp.nan, per_token)
+        # A label outside [0, V): NaN value and a NaN gradient (the cotangent reaching
+        # `div` there is 0, which poison_cotangent replaces).
+        div = num.poison_cotangent(div, stu.bad)
+        per_token = jnp.where(stu.bad, jnp.nan, jnp.where(stu.keep, div, 0.0))
     if st.reduction == "none":
         return per_token.reshape(stu.batch_shape)
     return lv._reduce(jnp.sum(per_token), base, None, st.reduction, normalizer)
