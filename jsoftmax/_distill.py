@@ -531,8 +531,9 @@ def linear_kl_divergence(
       direction: ``"forward"`` (``KL(teacher‖student)``) or ``"reverse"``.
       temperature: ``T > 0``, a Python number.
       weight_layout: ``"dv"`` or ``"vd"`` (both heads).
-      student_bias, teacher_bias: optional ``(V,)`` biases; ``-inf`` entries mask
+      student_bias: optional ``(V,)`` bias of the student head; ``-inf`` entries mask
         vocabulary entries out.
+      teacher_bias: optional ``(V,)`` bias of the teacher head.
       logit_softcap: optional ``c > 0`` applied to both heads (Gemma 2).
       ignore_index: label value of tokens that contribute nothing.
       reduction: ``"mean"`` (over the counted tokens; 0.0 with zero gradient when none
@@ -623,7 +624,8 @@ def linear_jsd(
       beta: ``β`` in ``[0, 1]``, a Python number.
       temperature: ``T > 0``, a Python number, dividing both heads' logits.
       weight_layout: ``"dv"`` or ``"vd"``.
-      student_bias, teacher_bias: optional ``(V,)`` biases.
+      student_bias: optional ``(V,)`` bias of the student head.
+      teacher_bias: optional ``(V,)`` bias of the teacher head.
       logit_softcap: optional ``c > 0`` applied to both heads.
       ignore_index: label value of tokens that contribute nothing.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
