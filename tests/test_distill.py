@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -129,6 +129,7 @@ def test_hand_computed_values():
     np.testing.assert_allclose(jsm.jsd(s, t), [js], rtol=1e-6)
 
 
+@settings(max_examples=10)
 @given(
     st.integers(1, 4), st.integers(2, 9), st.floats(0.3, 4.0), st.integers(0, 2**31 - 1)
 )  # fmt: skip
