@@ -36,6 +36,7 @@ from jsoftmax._distill import jsd as jsd
 from jsoftmax._distill import kl_divergence as kl_divergence
 from jsoftmax._distill import linear_jsd as linear_jsd
 from jsoftmax._distill import linear_kl_divergence as linear_kl_divergence
+from jsoftmax._distill import linear_topk_kl_divergence as linear_topk_kl_divergence
 # --- end distillation
 
 # --- calibration and open-set recognition (jsoftmax/_calibration.py)

@@ -663,3 +663,183 @@ def linear_jsd(
         st, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias, teacher_bias, normalizer,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------ sparse (top-k) teacher
+
+_REMAINDERS = ("bucket", "renormalize")
+
+
+class _SparseStatics(NamedTuple):
+    layout: str
+    temperature: float
+    softcap: float | None
+    remainder: str
+    ignore_index: int
+    reduction: str
+    chunk_size: int | None
+
+
+def _gathered_logits(h2, w, b, idx, cfg):
+    """``softcap(h·W[:, idx] + b[idx])`` per row, ``(rows, k)``, for either layout."""
+    if cfg.layout == "dv":
+        w_k = jnp.take(w, idx, axis=1).astype(cfg.compute_dtype)  # (D, rows, k)
+        z = jnp.einsum("nd,dnk->nk", h2, w_k, preferred_element_type=cfg.acc_dtype)
+    else:
+        w_k = jnp.take(w, idx, axis=0).astype(cfg.compute_dtype)  # (rows, k, D)
+        z = jnp.einsum("nd,nkd->nk", h2, w_k, preferred_element_type=cfg.acc_dtype)
+    if b is not None:
+        z = z + jnp.take(b, idx).astype(cfg.acc_dtype)
+    if cfg.softcap is not None:
+        z = cfg.softcap * jnp.tanh(z / cfg.softcap)
+    return z
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, normalizer):
+    fn = "linear_topk_kl_divergence"
+    stu = lv._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
+    lp = check.float_array(teacher_logprobs, "teacher_logprobs")
+    if lp.ndim != len(stu.batch_shape) + 1 or lp.shape[:-1] != stu.batch_shape:
+        raise ValueError(
+            f"`teacher_logprobs` of shape {lp.shape} must be the tokens {stu.batch_shape} "
+            "plus one axis of k teacher entries."
+        )
+    idx = check.widen_labels(check.integer_labels(teacher_indices, lp.shape, "teacher_indices"))
+    n_rows, k = stu.h2.shape[0], lp.shape[-1]
+    cfg = lv._make_config(
+        stu, st.layout, st.chunk_size, st.softcap, None, need_zw=False,
+        temperature=st.temperature,
+    )  # fmt: skip
+    acc = cfg.acc_dtype
+    h2 = stu.h2.astype(cfg.compute_dtype)
+    idx = idx.reshape(n_rows, k)
+    bad_idx = jnp.any((idx < 0) | (idx >= stu.n_vocab), axis=1)
+    idx = jnp.clip(idx, 0, stu.n_vocab - 1)
+    lse = lv._stats(cfg, h2, stu.linear_weight, stu.linear_bias, None, None).lse
+    u_k = lv._scaled(_gathered_logits(h2, stu.linear_weight, stu.linear_bias, idx, cfg), cfg)
+    lq = u_k - jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None]
+    lp = lax.stop_gradient(lp.reshape(n_rows, k).astype(acc))
+    p = jnp.exp(lp)
+    if st.remainder == "renormalize":
+        log_mass = jnp.log(jnp.maximum(jnp.sum(p, axis=1), jnp.finfo(acc).tiny))
+        lp = lp - log_mass[:, None]
+        div = jnp.sum(_p_log_ratio(jnp.exp(lp), lp, lq), axis=1)
+    else:
+        # The teacher's mass outside its top k against the student's mass outside them:
+        # the KL between the two distributions coarsened to k + 1 buckets.
+        r = jnp.maximum(1.0 - jnp.sum(p, axis=1), 0.0)
+        q_in = jnp.exp(jax.nn.logsumexp(jnp.where(p > 0, lq, -jnp.inf), axis=1))
+        q_out = jnp.maximum(1.0 - q_in, jnp.finfo(acc).tiny)
+        div = jnp.sum(_p_log_ratio(p, lp, lq), axis=1)
+        div = div + _p_log_ratio(r, jnp.log(jnp.where(r > 0, r, 1.0)), jnp.log(q_out))
+    keep = jnp.ones((n_rows,), bool) if stu.keep is None else stu.keep
+    # A bad teacher index matters only on a token that counts.
+    bad = bad_idx & keep if stu.bad is None else (bad_idx & keep) | stu.bad
+    div = num.poison_cotangent(div, bad)
+    per_token = jnp.where(bad, jnp.nan, jnp.where(keep, div, 0.0))
+    if st.reduction == "none":
+        return per_token.reshape(stu.batch_shape)
+    return lv._reduce(jnp.sum(per_token), keep.astype(acc), None, st.reduction, normalizer)
+
+
+def linear_topk_kl_divergence(
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
+    teacher_logprobs: ArrayLike,
+    teacher_indices: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    temperature: float = 1.0,
+    remainder: str = "bucket",
+    weight_layout: str = "dv",
+    student_bias: ArrayLike | None = None,
+    logit_softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    r"""Forward KL from a sparse teacher (its top-k log-probabilities) to a student head.
+
+    Distillation without running the teacher every step: its ``k`` largest
+    log-probabilities per token and their indices are cached once (e.g. from
+    :func:`jsoftmax.linear_softmax_stats` with ``top_k=k``). With the student's
+    ``log q = log_softmax(z/T)`` (``z = c·tanh((h W + b)/c)``; its logsumexp by the
+    chunked sweep, so the ``(N, V)`` logits never exist, and the ``k`` logits by a gather
+    of ``k`` weight columns per token), teacher entries ``p_j = exp(teacher_logprobs_j)``
+    at ``K`` = ``teacher_indices`` and the teacher's remaining mass ``r = 1 - Σ_j p_j``:
+
+    .. math::
+        \mathrm{bucket:}\ \sum_{j \in K} p_j(\log p_j - \log q_j)
+            + r\,(\log r - \log(1 - \textstyle\sum_{j \in K} q_j)),
+        \qquad
+        \mathrm{renormalize:}\ \sum_{j \in K} \hat p_j(\log \hat p_j - \log q_j),\
+        \hat p = p / \textstyle\sum_K p.
+
+    ``remainder="bucket"`` (default) handles the mass outside the top k explicitly: the
+    teacher's tail ``r`` is matched against the student's tail as one extra class, which
+    is the exact KL between the two distributions coarsened to ``k + 1`` buckets (a lower
+    bound of the full KL, equal to it when ``k = V``). ``"renormalize"`` drops the tail
+    and renormalises the teacher's top k to sum to 1 (the student is not renormalised).
+    The teacher inputs get no gradient. Not multiplied by ``T²``; the teacher's
+    log-probabilities must be at the same temperature (``linear_softmax_stats`` takes
+    one). Teacher indices must be distinct per token; ``-inf`` log-probabilities (fewer
+    than k entries) contribute 0.
+
+    Args:
+      student_hidden: ``(..., D)`` student activations.
+      student_weight: ``(D, V)`` (``"dv"``) or ``(V, D)`` (``"vd"``).
+      teacher_logprobs: ``(..., k)`` the teacher's log-probabilities.
+      teacher_indices: ``(..., k)`` their integer vocabulary indices; one outside
+        ``[0, V)`` poisons that token (NaN) unless its label is ``ignore_index``.
+      labels: optional integer ids; tokens labelled ``ignore_index`` are dropped.
+      temperature: ``T > 0``, a Python number, dividing the student's logits.
+      remainder: ``"bucket"`` or ``"renormalize"``, see above.
+      weight_layout: ``"dv"`` or ``"vd"``.
+      student_bias: optional ``(V,)`` bias of the student head.
+      logit_softcap: optional ``c > 0`` applied to the student's logits.
+      ignore_index: label value of tokens that contribute nothing.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator for ``"mean"``.
+      chunk_size: vocabulary entries per chunk of the student's logsumexp sweep.
+
+    Returns:
+      The loss, float32 (float64 for float64 inputs): a scalar, or per token with
+      ``reduction="none"``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax as jsm
+      >>> hs = jnp.array([[1.0, -1.0], [0.5, 2.0]])
+      >>> ws = jnp.array([[1.0, 0.0, -1.0], [0.0, 1.0, 2.0]])
+      >>> ht = jnp.array([[0.5, 1.0, 0.0], [1.0, 1.0, -1.0]])
+      >>> wt = jnp.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+      >>> top = jsm.linear_softmax_stats(ht, wt, top_k=3)  # cached offline
+      >>> kl = jsm.linear_topk_kl_divergence(hs, ws, top.topk_logprobs, top.topk_indices)
+      >>> round(float(kl), 4)  # k = V: the full forward KL
+      1.3129
+      >>> top1 = jsm.linear_softmax_stats(ht, wt, top_k=1)  # one entry + the tail
+      >>> kl1 = jsm.linear_topk_kl_divergence(hs, ws, top1.topk_logprobs, top1.topk_indices)
+      >>> round(float(kl1), 4)
+      0.8561
+    """
+    check.choice(remainder, "remainder", _REMAINDERS)
+    check.choice(weight_layout, "weight_layout", lv._LAYOUTS)
+    reduction = check.reduction(reduction)
+    st = _SparseStatics(
+        layout=weight_layout,
+        temperature=check.static_number(temperature, "temperature", lo=0.0, lo_open=True),
+        softcap=check.static_number(
+            logit_softcap, "logit_softcap", lo=0.0, lo_open=True, optional=True
+        ),
+        remainder=remainder,
+        ignore_index=check.ignore_index(ignore_index),
+        reduction=reduction,
+        chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
+    )
+    normalizer = check.normalizer(normalizer, reduction)
+    return _linear_topk_kl(
+        st, student_hidden, student_weight, teacher_logprobs, teacher_indices, labels,
+        student_bias, normalizer,
+    )  # fmt: skip

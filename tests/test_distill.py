@@ -539,3 +539,88 @@ def test_memory_is_an_eighth_of_naive(fn):
         return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     assert temp(ours_vg) * 8 <= temp(naive_vg)
+
+
+# --------------------------------------------------------------- sparse top-k teacher
+
+
+def naive_topk(hs, ws, lp, idx, labels=None, *, temperature=1.0, remainder="bucket", bias=None,
+               weight_layout="dv", logit_softcap=None):  # fmt: skip
+    """The definition on the student's materialised log-probabilities."""
+    zs = head_logits(hs, ws, bias, weight_layout, logit_softcap) / temperature
+    lq = jnp.take_along_axis(jax.nn.log_softmax(zs), idx, axis=-1)
+    p = jnp.exp(lp)
+    if remainder == "renormalize":
+        lp = lp - jnp.log(jnp.sum(p, -1, keepdims=True))
+        per = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
+    else:
+        r = 1.0 - jnp.sum(p, -1)
+        q_out = 1.0 - jnp.sum(jnp.exp(lq), -1)
+        per = jnp.sum(p * (lp - lq), -1) + jnp.where(r > 0, r * jnp.log(r / q_out), 0.0)
+    keep = jnp.ones(per.shape, bool) if labels is None else labels != -100
+    return jnp.sum(jnp.where(keep, per, 0.0)) / jnp.sum(keep)
+
+
+@pytest.mark.parametrize(
+    "remainder, layout, k, softcap", [("bucket", "dv", 5, None), ("renormalize", "vd", 7, 3.0),
+                                      ("bucket", "vd", 1, 2.0)],
+)  # fmt: skip
+def test_topk_teacher_matches_naive_float64(remainder, layout, k, softcap, rng, x64):
+    hs, ws, ht, wt = make_heads(rng, layout=layout, scale=2.0)
+    bias = rng.normal(size=45)
+    labels = rng.integers(0, 45, size=hs.shape[0])
+    labels[[0, 6]] = -100
+    top = jsm.linear_softmax_stats(ht, wt, weight_layout=layout, top_k=k, temperature=1.5)
+    lp, idx = top.topk_logprobs, top.topk_indices
+    kw = dict(temperature=1.5, remainder=remainder, weight_layout=layout, logit_softcap=softcap)
+
+    def f(hs, ws, b):
+        return jsm.linear_topk_kl_divergence(
+            hs, ws, lp, idx, labels, student_bias=b, chunk_size=16, **kw
+        )
+
+    val, grads = jax.value_and_grad(f, (0, 1, 2))(hs, ws, bias)
+    rval, rgrads = jax.value_and_grad(
+        lambda hs, ws, b: naive_topk(hs, ws, lp, idx, labels, bias=b, **kw), (0, 1, 2)
+    )(hs, ws, bias)
+    np.testing.assert_allclose(val, rval, rtol=1e-10)
+    for a, b in zip(grads, rgrads, strict=True):
+        assert rel_err(a, b) < 1e-9
+    check_grads(lambda hs: f(hs, ws, bias), (hs,), order=1, modes=["rev"])
+
+
+def test_topk_teacher_full_k_is_forward_kl(rng, x64):
+    """k = V leaves no tail: both remainders give the full forward KL."""
+    hs, ws, ht, wt = make_heads(rng, n=6, v=20)
+    top = jsm.linear_softmax_stats(ht, wt, top_k=20, temperature=2.0)
+    full = jsm.linear_kl_divergence(hs, ws, ht, wt, temperature=2.0)
+    for remainder in ("bucket", "renormalize"):
+        out = jsm.linear_topk_kl_divergence(
+            hs, ws, top.topk_logprobs, top.topk_indices, temperature=2.0, remainder=remainder
+        )
+        np.testing.assert_allclose(out, full, rtol=1e-9)
+    # k = V - 1: the tail is one class, so the bucket is still exact.
+    top = jsm.linear_softmax_stats(ht, wt, top_k=19, temperature=2.0)
+    out = jsm.linear_topk_kl_divergence(
+        hs, ws, top.topk_logprobs, top.topk_indices, temperature=2.0
+    )
+    np.testing.assert_allclose(out, full, rtol=1e-7)
+
+
+def test_topk_teacher_edge_cases(rng):
+    hs, ws, ht, wt = make_heads(rng, n=6, v=20, dtype=np.float32)
+    top = jsm.linear_softmax_stats(ht, wt, top_k=4)
+    lp, idx = np.array(top.topk_logprobs), np.array(top.topk_indices)
+    lp[1, 2:] = -np.inf  # fewer than k entries: padding contributes 0
+    idx[3, 0] = 20  # out of range: that token is NaN
+    per = np.asarray(jsm.linear_topk_kl_divergence(hs, ws, lp, idx, reduction="none"))
+    assert np.isnan(per[3]) and np.isfinite(np.delete(per, 3)).all()
+    labels = np.full(6, -100)
+    val, g = jax.value_and_grad(lambda h: jsm.linear_topk_kl_divergence(h, ws, lp, idx, labels))(hs)
+    assert val == 0.0 and (np.asarray(g) == 0).all()
+    with pytest.raises(ValueError, match="remainder"):
+        jsm.linear_topk_kl_divergence(hs, ws, lp, idx, remainder="drop")
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        jsm.linear_topk_kl_divergence(hs, ws, lp[:, 0], idx[:, 0])
+    with pytest.raises(TypeError, match="teacher_indices"):
+        jsm.linear_topk_kl_divergence(hs, ws, lp, lp)
