@@ -129,7 +129,7 @@ def test_hand_computed_values():
     np.testing.assert_allclose(jsm.jsd(s, t), [js], rtol=1e-6)
 
 
-@settings(max_examples=10)
+@settings(max_examples=5)
 @given(
     st.integers(1, 4), st.integers(2, 9), st.floats(0.3, 4.0), st.integers(0, 2**31 - 1)
 )  # fmt: skip
@@ -188,7 +188,9 @@ def test_gradients_match_naive_and_axis(x64):
             fn = lambda s, t, k=kind: jsm.kl_divergence(s, t, direction=k, temperature=1.7, axis=1)  # noqa: E731
         ref = np_divergence(np.moveaxis(s, 1, -1), np.moveaxis(t, 1, -1), kind, beta or 0.5, 1.7)
         np.testing.assert_allclose(fn(s, t), ref, rtol=1e-12)
-        check_grads(fn, (s, t), order=2, modes=["rev", "fwd"])
+        # Second order (reverse over reverse) once; first order for the others.
+        order = 2 if beta == 0.8 else 1
+        check_grads(fn, (s, t), order=order, modes=["rev"] if order == 2 else ["rev", "fwd"])
 
 
 def test_jsd_end_points_and_bounds(rng):
@@ -316,8 +318,15 @@ def test_linear_check_grads(kind, beta, x64):
     check_grads(f, (hs, ws, bs), order=1, modes=["rev"])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kind, beta", [("forward", 0.5), ("jsd", 0.5)])
+@pytest.mark.parametrize(
+    "dtype, kind, beta",
+    [
+        (jnp.bfloat16, "forward", 0.5),
+        (jnp.bfloat16, "jsd", 0.5),
+        pytest.param(jnp.float32, "forward", 0.5, marks=pytest.mark.slow),
+        pytest.param(jnp.float32, "jsd", 0.5, marks=pytest.mark.slow),
+    ],
+)
 def test_linear_low_precision_against_float64(dtype, kind, beta, rng):
     hs, ws, ht, wt = make_heads(rng, n=32, ds=16, dt=24, v=301, scale=3.0, dtype=np.float32)
     args = [jnp.asarray(a, dtype) for a in (hs, ws, ht, wt)]
@@ -349,7 +358,7 @@ def test_masked_vocabulary_and_empty_rows(rng, x64):
     hs, ws, ht, wt = make_heads(rng, n=5, v=20)
     b = np.zeros(20)
     b[[3, 7, 19]] = -np.inf
-    for kind, beta in KINDS:
+    for kind, beta in KINDS[:3]:
         f = lambda hs, ws, b=b, k=kind, be=beta: ours(  # noqa: E731
             k, hs, ws, ht, wt, beta=be, student_bias=b, teacher_bias=b, chunk_size=6,
             reduction="none",
@@ -449,9 +458,14 @@ def test_linear_bad_input(kwargs, exc, match, rng):
 # ------------------------------------------------------------------- vocab-parallel
 
 
-@pytest.mark.parametrize("kind, layout, reduction", [("forward", "dv", "mean"),
-                                                     ("reverse", "vd", "none"),
-                                                     ("jsd", "dv", "sum")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, layout, reduction",
+    [
+        ("jsd", "dv", "sum"),
+        pytest.param("forward", "dv", "mean", marks=pytest.mark.slow),
+        pytest.param("reverse", "vd", "none", marks=pytest.mark.slow),
+    ],
+)
 def test_shard_map_matches_single_device(kind, layout, reduction, rng):
     n_shards, v_local = 4, 23  # ragged against chunk_size=8 in every shard
     v = n_shards * v_local
@@ -562,8 +576,12 @@ def naive_topk(hs, ws, lp, idx, labels=None, *, temperature=1.0, remainder="buck
 
 
 @pytest.mark.parametrize(
-    "remainder, layout, k, softcap", [("bucket", "dv", 5, None), ("renormalize", "vd", 7, 3.0),
-                                      ("bucket", "vd", 1, 2.0)],
+    "remainder, layout, k, softcap",
+    [
+        ("bucket", "dv", 5, None),
+        ("renormalize", "vd", 7, 3.0),
+        pytest.param("bucket", "vd", 1, 2.0, marks=pytest.mark.slow),
+    ],
 )  # fmt: skip
 def test_topk_teacher_matches_naive_float64(remainder, layout, k, softcap, rng, x64):
     hs, ws, ht, wt = make_heads(rng, layout=layout, scale=2.0)
@@ -586,7 +604,6 @@ def test_topk_teacher_matches_naive_float64(remainder, layout, k, softcap, rng, 
     np.testing.assert_allclose(val, rval, rtol=1e-10)
     for a, b in zip(grads, rgrads, strict=True):
         assert rel_err(a, b) < 1e-9
-    check_grads(lambda hs: f(hs, ws, bias), (hs,), order=1, modes=["rev"])
 
 
 def test_topk_teacher_full_k_is_forward_kl(rng, x64):
