@@ -31,6 +31,14 @@ from jsoftmax._large_vocab import linear_cross_entropy as linear_cross_entropy
 from jsoftmax._large_vocab import linear_softmax_stats as linear_softmax_stats
 # --- end large vocabularies
 
+# --- distillation (jsoftmax/_distill.py)
+from jsoftmax._distill import jsd as jsd
+from jsoftmax._distill import kl_divergence as kl_divergence
+from jsoftmax._distill import linear_jsd as linear_jsd
+from jsoftmax._distill import linear_kl_divergence as linear_kl_divergence
+from jsoftmax._distill import linear_topk_kl_divergence as linear_topk_kl_divergence
+# --- end distillation
+
 # --- calibration and open-set recognition (jsoftmax/_calibration.py)
 from jsoftmax._calibration import energy_score as energy_score
 from jsoftmax._calibration import expected_calibration_error as expected_calibration_error

@@ -20,7 +20,11 @@ Rows:
   temporary memory only (lowered and compiled, never run);
 * ``linear_softmax_stats``: ``value_and_grad`` w.r.t. hidden and weight of the RL-style
   objective ``Σ log p(y) + 0.01·Σ H`` against the same from materialised ``h @ W``
-  (``jax.nn.log_softmax``), at the linear cross-entropy row's shape.
+  (``jax.nn.log_softmax``), at the linear cross-entropy row's shape;
+* ``linear_kl_divergence`` (forward KL) and ``linear_jsd`` (``β = 0.5``):
+  ``value_and_grad`` w.r.t. the student's hidden states and weight against the same
+  divergence from both heads' materialised logits (teacher under ``stop_gradient``), at
+  the linear cross-entropy row's shape (the teacher has the same ``D``).
 
 ``--quick`` uses smaller shapes and 5 pairs (under a minute on 2 cores); its rows are
 labelled "quick" and do not stand in for the full-size numbers.
@@ -264,6 +268,44 @@ def _linear_stats_case(sizes: Sizes) -> Case:
     )
 
 
+def _naive_distill(kind):
+    """The loss from materialised ``(N, V)`` logits of both heads (teacher held fixed)."""
+
+    def loss(hs, ws, ht, wt):
+        zs = (hs @ ws).astype(jnp.float32)
+        zt = jax.lax.stop_gradient((ht @ wt).astype(jnp.float32))
+        if kind == "jsd":
+            return jnp.mean(jsm.jsd(zs, zt))
+        return jnp.mean(jsm.kl_divergence(zs, zt))
+
+    return loss
+
+
+def _distill_case(sizes: Sizes, kind: str) -> Case:
+    n, d, v = sizes.lce
+    fn = "linear_jsd" if kind == "jsd" else "linear_kl_divergence"
+
+    def build():
+        ours_fn = getattr(jsm, fn, None)
+        if ours_fn is None:
+            return None
+        ours = jax.value_and_grad(lambda hs, ws, ht, wt: ours_fn(hs, ws, ht, wt), (0, 1))
+        base = jax.value_and_grad(_naive_distill(kind), (0, 1))
+        hs, ws, _ = _lce_inputs(n, d, v, jnp.float32, 4)
+        ht, wt, _ = _lce_inputs(n, d, v, jnp.float32, 5)
+        return ours, base, (hs, ws, ht, 1.5 * wt)
+
+    what = "JSD(β=0.5)" if kind == "jsd" else "KL(teacher‖student)"
+    return Case(
+        f"{fn} v&g (h_s, W_s)",
+        f"N={n} D={d} V={v} f32",
+        f"both heads' logits, then {what}",
+        "temp <= 1/8x, time <= 1.2x",
+        build,
+        check=lambda r: r.cand_temp * 8 <= r.base_temp and r.time_ratio <= 1.2,
+    )
+
+
 def cases(sizes: Sizes) -> list[Case]:
     """The benchmark rows for one mode, in table order."""
     return [
@@ -273,6 +315,8 @@ def cases(sizes: Sizes) -> list[Case]:
         _linear_ce_case(sizes),
         _linear_ce_big_case(sizes),
         _linear_stats_case(sizes),
+        _distill_case(sizes, "forward"),
+        _distill_case(sizes, "jsd"),
     ]
 
 

@@ -196,6 +196,8 @@ def test_bench_tiny_json(tmp_path):
         "linear_cross_entropy",
         "linear_cross_entropy",
         "linear_softmax_stats",
+        "linear_kl_divergence",
+        "linear_jsd",
     ]
     for r in rows:
         assert r["available"], f"{r['name']} is not available"

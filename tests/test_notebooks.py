@@ -34,6 +34,7 @@ EXPECTED = {
     "03_large_vocab_lm.ipynb",
     "04_calibration_open_set.ipynb",
     "05_rl_token_logprobs.ipynb",
+    "06_distillation.ipynb",
     "07_flax_nnx_lm.ipynb",
     "08_equinox_digits.ipynb",
 }
