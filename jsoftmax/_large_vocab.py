@@ -52,6 +52,11 @@ _IMPLS = ("auto", "xla", "pallas")
 # logits (e.g. 512 MiB at N=2048, V=65536). Three or four such tiles are live at once.
 _TILE_BYTES = 16 * 2**20
 _MIN_CHUNK = 128
+# Tokens per row block of a filtered backward tile: each (rows, chunk) block of the
+# logits gradient decides on its own whether its d_hidden/d_weight matmuls run. Smaller
+# blocks skip more on language-model logits (measured in docs/performance.md) but cost a
+# `lax.cond` and a smaller matmul each.
+_FILTER_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,9 @@ class _Config:
     need_entropy: bool = False
     need_argmax: bool = False
     top_k: int = 0
+    # Gradient filtering (backward only): threshold and rows per filtered tile.
+    filter_eps: float | None = None
+    filter_rows: int = 0
 
     @property
     def vocab_axis(self) -> int:
@@ -400,13 +408,20 @@ def _stats_bwd(cfg, res, cts):
             dz = dz + jnp.sum(jnp.where(hits, cts.top_z[:, None, :], 0.0), axis=2)
         dz = _softcap_chain(dz, z, cfg)
         dz_c = dz.astype(cfg.compute_dtype)
-        dh = dh + _hidden_grad(dz_c, w_c, cfg)
-        dw_c = _weight_grad(h, dz_c, cfg).astype(dw.dtype)
+        if cfg.filter_eps is None:
+            dh = dh + _hidden_grad(dz_c, w_c, cfg)
+            dw_c = _weight_grad(h, dz_c, cfg).astype(dw.dtype)
+        else:
+            skip = _skippable(dz, unit, y_local, top_local, cts.top_z, start, size, cfg)
+            dh, dw_c = _filtered_grads(dh, dz_c, h, w_c, skip, cfg)
+            dw_c = dw_c.astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, cfg.vocab_axis)
         if db is not None:
+            # The bias gradient costs no matmul: it stays exact under filtering.
             db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, 0).astype(db.dtype), start, 0)
         return dh, dw, db, dcw
 
+    unit = None if cfg.filter_eps is None else _filter_unit(cfg, cts, cw, v_local)
     init = (
         jnp.zeros(h.shape, acc),
         jnp.zeros(w.shape, w.dtype),
@@ -422,6 +437,75 @@ def _stats_bwd(cfg, res, cts):
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+# ------------------------------------------------------------------ gradient filtering
+
+
+def _filter_unit(cfg, cts, cw, v_local):
+    """Per-token gradient scale ``T_i`` against which ``filter_eps`` is measured.
+
+    ``T_i`` is the mass of the token's target terms: ``|g_zy| + |g_zw|·Σ_c |w_c|`` (the
+    label's and label smoothing's cotangents; for a cross-entropy token, its weight
+    ``sample_weight_i·w_{y_i}`` times the reduction's factor) plus the entropy's and the
+    top-k's cotangents; the cotangent of ``lse`` when nothing else reaches the token.
+    So ``dz / T`` is Cut Cross-Entropy's ``p(1 + 2λ lse) - target`` for a cross-entropy
+    token. ``T = 0`` marks a token without gradient (ignored, or zero cotangent).
+    """
+    acc = cfg.acc_dtype
+    unit = jnp.zeros(cts.lse.shape, acc)
+    if cts.zy is not None:
+        unit = unit + jnp.abs(cts.zy)
+    if cfg.need_zw:
+        w_abs = jnp.asarray(v_local, acc) if cw is None else jnp.sum(jnp.abs(cw.astype(acc)))
+        if cfg.axis_name is not None:
+            w_abs = lax.psum(w_abs, cfg.axis_name)
+        unit = unit + jnp.abs(cts.zw) * w_abs
+    if cts.entropy is not None:
+        unit = unit + jnp.abs(cts.entropy)
+    if cts.top_z is not None:
+        unit = unit + jnp.sum(jnp.abs(cts.top_z), axis=1)
+    return jnp.where(unit > 0, unit, jnp.abs(cts.lse))
+
+
+def _skippable(dz, unit, y_local, top_local, g_top, start, size, cfg):
+    """Per row block of the chunk: whether its ``d_hidden``/``d_weight`` work may be skipped.
+
+    A block is skipped only when every element of its logits gradient ``dz`` (the one
+    actually applied: class/sample weights, z-loss and soft-cap factors included) is
+    ``< filter_eps·T_i`` in magnitude on its active tokens (``T_i != 0``), none of those
+    tokens has its label (or a differentiated top-k index) in the chunk, and none is
+    poisoned: a NaN ``dz`` or ``T`` fails ``<`` and keeps the block.
+    """
+    active = unit != 0
+    small = jnp.abs(dz) < cfg.filter_eps * unit[:, None]
+    row_ok = jnp.all(small, axis=1) | ~active
+    if y_local is not None:
+        row_ok = row_ok & ~(active & (y_local >= start) & (y_local < start + size))
+    if top_local is not None:
+        in_chunk = (top_local >= start) & (top_local < start + size) & (g_top != 0)
+        row_ok = row_ok & ~jnp.any(in_chunk, axis=1)
+    n = dz.shape[0]
+    return [jnp.all(row_ok[r : r + cfg.filter_rows]) for r in range(0, n, cfg.filter_rows)]
+
+
+def _filtered_grads(dh, dz_c, h, w_c, skip, cfg):
+    """``dh += dz wᵀ`` and this chunk's ``hᵀ dz``, row block by row block, each block's two
+    matmuls under a ``lax.cond`` that skips them where ``skip`` says so."""
+    rows = cfg.filter_rows
+    dw_shape = (h.shape[1], dz_c.shape[1]) if cfg.layout == "dv" else (dz_c.shape[1], h.shape[1])
+    dw_c = _as_varying(jnp.zeros(dw_shape, cfg.acc_dtype), _vma(h, dz_c))
+    parts = []
+    for k, r in enumerate(range(0, h.shape[0], rows)):
+        dh_b, dz_b, h_b = dh[r : r + rows], dz_c[r : r + rows], h[r : r + rows]
+
+        def work(dh_b, dw_c, dz_b=dz_b, h_b=h_b):
+            return dh_b + _hidden_grad(dz_b, w_c, cfg), dw_c + _weight_grad(h_b, dz_b, cfg)
+
+        dh_b, dw_c = lax.cond(skip[k], lambda a, b: (a, b), work, dh_b, dw_c)
+        parts.append(dh_b)
+    dh = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    return dh, dw_c
 
 
 # ------------------------------------------------------------------- public function
@@ -490,8 +574,12 @@ class SoftmaxStats(NamedTuple):
     topk_indices: jax.Array | None
 
 
-def _finish_stats(core, cfg, inp):
-    """The public :class:`SoftmaxStats` from the core's raw per-token outputs."""
+def _finish_stats(core, cfg, inp, order=None):
+    """The public :class:`SoftmaxStats` from the core's raw per-token outputs.
+
+    With a vocabulary ``order`` the core's indices are positions in the permuted
+    vocabulary (as are the labels ``inp.y``); the returned indices are the caller's ids.
+    """
     lse = core.lse
     label_logprob = correct = None
     if inp.y is not None:
@@ -510,11 +598,94 @@ def _finish_stats(core, cfg, inp):
     def token(x, extra=()):
         return None if x is None else x.reshape(shape + extra)
 
+    argmax, top_i = core.argmax, core.top_i
+    if order is not None:
+        argmax = order[argmax]
+        if top_i is not None:
+            top_i = order[top_i]
     k = (cfg.top_k,)
     return SoftmaxStats(
-        token(lse), token(label_logprob), token(core.entropy), token(core.argmax),
-        token(correct), token(topk_logprobs, k), token(core.top_i, k),
+        token(lse), token(label_logprob), token(core.entropy), token(argmax),
+        token(correct), token(topk_logprobs, k), token(top_i, k),
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------ vocabulary order
+
+
+def _filter_option(filter_eps):
+    """``filter_eps`` checked now (a clear error at the call), resolved per dtype later."""
+    check.filter_eps(filter_eps, jnp.float32)
+    return filter_eps
+
+
+def _reorder(order, labels, bias, weight, linear_weight, layout, axis_name, ignore_index):
+    """Caller-id inputs moved to the positions of a permuted vocabulary.
+
+    ``linear_weight`` is stored permuted (column ``j`` holds the caller's class
+    ``order[j]``); labels become positions ``inv[y]``, and the per-class vectors (bias,
+    class weights; given in caller ids) are gathered as ``vec[order]`` -- ``O(V)`` work,
+    whose gradient scatters back to caller ids. Under ``axis_name`` each shard keeps its
+    slice of the gathered vectors. An ``order`` that is not a permutation of ``[0, V)``
+    poisons every non-ignored token like an out-of-range label (no host sync).
+    """
+    v_local = linear_weight.shape[1 if layout == "dv" else 0]
+    n_shards = 1 if axis_name is None else lax.psum(1, axis_name)
+    n_vocab = v_local * n_shards
+    order = check.vocab_order(order, n_vocab)
+    if 0 <= ignore_index < n_vocab:
+        raise ValueError(
+            f"`vocab_order` needs an `ignore_index` outside [0, {n_vocab}) (got "
+            f"{ignore_index}): a permuted label could collide with it."
+        )
+    inv = jnp.full((n_vocab,), -1, jnp.int32).at[order].set(
+        jnp.arange(n_vocab, dtype=jnp.int32), mode="drop"
+    )
+    is_perm = jnp.all(inv >= 0)
+    if labels is not None:
+        y = check.widen_labels(jnp.asarray(labels))
+        real = (y != ignore_index) & (y >= 0) & (y < n_vocab)
+        pos = jnp.where(real, inv[jnp.clip(y, 0, n_vocab - 1)].astype(y.dtype), y)
+        # n_vocab is out of range: the bad-label path poisons value and gradient.
+        labels = jnp.where(is_perm | (y == ignore_index), pos, n_vocab).astype(y.dtype)
+
+    def gather(vec, name, local):
+        if vec is None:
+            return None
+        vec = check.class_vector(vec, n_vocab, name)[order]
+        if local and n_shards > 1:
+            vec = lax.dynamic_slice_in_dim(vec, lax.axis_index(axis_name) * v_local, v_local)
+        return vec
+
+    # Class weights may stay whole under axis_name (the loss slices them itself).
+    return order, labels, gather(bias, "linear_bias", True), gather(weight, "weight", False)
+
+
+def vocab_order_from_counts(counts: ArrayLike) -> jax.Array:
+    r"""A vocabulary order by decreasing frequency, for ``vocab_order=``.
+
+    ``order = argsort(-counts)`` (stable: equal counts keep increasing ids), so that
+    ``order[j]`` is the id of the ``j``-th most frequent class. Store the projection
+    permuted once with it -- ``linear_weight[:, order]`` for a ``(D, V)`` weight,
+    ``linear_weight[order]`` for ``(V, D)`` -- and train that array: rare classes then
+    sit together in whole vocabulary chunks, which gradient filtering can skip.
+
+    Args:
+      counts: ``(V,)`` non-negative class (token) counts or frequencies.
+
+    Returns:
+      ``(V,)`` int32 permutation of ``[0, V)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax as jsm
+      >>> jsm.vocab_order_from_counts(jnp.array([5, 40, 0, 40, 7])).tolist()
+      [1, 3, 4, 0, 2]
+    """
+    counts = check.float_array(jnp.asarray(counts, dtype=jnp.result_type(float)), "counts")
+    if counts.ndim != 1:
+        raise ValueError(f"`counts` must be 1-D (one entry per class), got shape {counts.shape}.")
+    return jnp.argsort(-counts, stable=True).astype(jnp.int32)
 
 
 def linear_softmax_stats(
@@ -530,6 +701,8 @@ def linear_softmax_stats(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     axis_name: Any = None,
+    filter_eps: float | str | None = None,
+    vocab_order: ArrayLike | None = None,
 ) -> SoftmaxStats:
     r"""Per-token softmax statistics of a linear layer, without materialising the logits.
 
@@ -622,8 +795,12 @@ def linear_softmax_stats(
         top_k=check.static_int(top_k, "top_k", minimum=0),
         chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
         axis_name=_axis(axis_name),
+        filter_eps=_filter_option(filter_eps),
+        filter_rows=_FILTER_ROWS,
     )
-    return _linear_softmax_stats(statics, hidden, linear_weight, labels, linear_bias)
+    return _linear_softmax_stats(
+        statics, hidden, linear_weight, labels, linear_bias, vocab_order
+    )
 
 
 class _StatsStatics(NamedTuple):
@@ -634,10 +811,18 @@ class _StatsStatics(NamedTuple):
     top_k: int
     chunk_size: int | None
     axis_name: Any
+    filter_eps: float | str | None = None
+    filter_rows: int = 0
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias):
+def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias, vocab_order):
+    order = None
+    if vocab_order is not None:
+        order, labels, linear_bias, _ = _reorder(
+            vocab_order, labels, linear_bias, None, linear_weight, st.layout, st.axis_name,
+            st.ignore_index,
+        )  # fmt: skip
     inp = _check_inputs(
         "linear_softmax_stats", hidden, linear_weight, labels, linear_bias, st.layout,
         st.axis_name, st.ignore_index,
@@ -647,10 +832,11 @@ def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias):
     cfg = _make_config(
         inp, st.layout, st.chunk_size, st.softcap, st.axis_name, need_zw=False,
         temperature=st.temperature, need_entropy=True, need_argmax=True, top_k=st.top_k,
+        filter_eps=st.filter_eps, filter_rows=st.filter_rows,
     )  # fmt: skip
     h2 = inp.h2.astype(cfg.compute_dtype)
     core = _stats(cfg, h2, inp.linear_weight, inp.linear_bias, None, inp.y)
-    return _finish_stats(core, cfg, inp)
+    return _finish_stats(core, cfg, inp, order)
 
 
 def linear_cross_entropy(
@@ -674,6 +860,8 @@ def linear_cross_entropy(
     return_lse: bool = False,
     return_stats: bool = False,
     top_k: int = 0,
+    filter_eps: float | str | None = None,
+    vocab_order: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, SoftmaxStats]:
     r"""Cross-entropy of a linear layer's logits, without materialising the logits.
 
@@ -804,13 +992,16 @@ def linear_cross_entropy(
         return_lse=bool(return_lse),
         return_stats=bool(return_stats),
         top_k=top_k,
+        filter_eps=_filter_option(filter_eps),
+        filter_rows=_FILTER_ROWS,
     )
     normalizer = check.normalizer(normalizer, reduction)
     # Jitted so that eager calls compile the chunk loops once instead of dispatching
     # them op by op; inside an outer jit or shard_map this is inlined.
     return _linear_cross_entropy(
-        statics, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
-    )
+        statics, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer,
+        vocab_order,
+    )  # fmt: skip
 
 
 class _Statics(NamedTuple):
@@ -828,6 +1019,8 @@ class _Statics(NamedTuple):
     return_lse: bool
     return_stats: bool = False
     top_k: int = 0
+    filter_eps: float | str | None = None
+    filter_rows: int = 0
 
 
 def _axis(axis_name):
@@ -909,10 +1102,15 @@ def _check_inputs(fn, hidden, linear_weight, labels, linear_bias, layout, axis_n
     )
 
 
-def _make_config(inp, layout, chunk_size, softcap, axis_name, **stats):
+def _make_config(
+    inp, layout, chunk_size, softcap, axis_name, filter_eps=None, filter_rows=0, **stats
+):
     n_rows = inp.h2.shape[0]
     chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, inp.v_local)
+    eps = check.filter_eps(filter_eps, inp.compute)
     return _Config(
+        filter_eps=eps,
+        filter_rows=max(1, min(filter_rows, n_rows) if filter_rows else n_rows),
         layout=layout,
         chunk=min(int(chunk), inp.v_local),
         softcap=softcap,
@@ -925,10 +1123,17 @@ def _make_config(inp, layout, chunk_size, softcap, axis_name, **stats):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_cross_entropy(
-    st, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
-):
+    st, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer,
+    vocab_order=None,
+):  # fmt: skip
     (weight_layout, ignore_index, eps, lam, softcap, reduction, chunk_size, impl, axis_name,
-     return_lse, return_stats, top_k) = st  # fmt: skip
+     return_lse, return_stats, top_k, filter_eps, filter_rows) = st  # fmt: skip
+    order = None
+    if vocab_order is not None:
+        order, labels, linear_bias, weight = _reorder(
+            vocab_order, labels, linear_bias, weight, linear_weight, weight_layout, axis_name,
+            ignore_index,
+        )  # fmt: skip
     inp = _check_inputs(
         "linear_cross_entropy", hidden, linear_weight, labels, linear_bias, weight_layout,
         axis_name, ignore_index,
@@ -950,18 +1155,19 @@ def _linear_cross_entropy(
             return _pallas_route(
                 h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape,
                 weight_layout, ignore_index, eps, lam, softcap, reduction, normalizer,
-                chunk_size, acc,
+                chunk_size, acc, filter_eps,
             )  # fmt: skip
 
         if impl == "pallas":
             return pallas()
         args = (hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer)
-        xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args)
+        xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args, vocab_order)
         return _impl.run_auto("linear_cross_entropy", pallas=pallas, xla=xla)
 
     cfg = _make_config(
         inp, weight_layout, chunk_size, softcap, axis_name, need_zw=eps > 0,
         need_entropy=return_stats, need_argmax=return_stats, top_k=top_k,
+        filter_eps=filter_eps, filter_rows=filter_rows,
     )  # fmt: skip
     h2 = h2.astype(cfg.compute_dtype)
 
@@ -996,11 +1202,11 @@ def _linear_cross_entropy(
     if reduction == "none":
         loss = per_token.reshape(batch_shape)
     else:
-        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer)
+        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer, bad)
     if return_lse:
         return loss, lse_out.reshape(batch_shape)
     if return_stats:
-        return loss, _finish_stats(core, cfg, inp)
+        return loss, _finish_stats(core, cfg, inp, order)
     return loss
 
 
@@ -1029,16 +1235,20 @@ def _poison_if_used_bwd(bad, ct):
 _poison_if_used.defvjp(_poison_if_used_fwd, _poison_if_used_bwd)
 
 
-def _reduce(total, base, w_y, reduction, normalizer):
+def _reduce(total, base, w_y, reduction, normalizer, bad):
     if reduction == "sum":
         return total
-    den = None if normalizer is not None else jnp.sum(base if w_y is None else base * w_y)
+    den = None
+    if normalizer is None:
+        # A bad label poisons the denominator too: a batch of only bad labels is NaN, not 0.
+        den = jnp.sum(base if w_y is None else base * w_y)
+        den = jnp.where(jnp.any(bad), jnp.nan, den)
     return num.mean_of(total, den, normalizer)
 
 
 def _pallas_route(
     h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, layout,
-    ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc,
+    ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc, filter_eps=None,
 ):  # fmt: skip
     """The loss from ``jsoftmax.kernels``; class/sample weights and the reduction here.
 
@@ -1055,7 +1265,7 @@ def _pallas_route(
 
     kw = dict(
         linear_bias=linear_bias, weight_layout=layout, ignore_index=ignore_index,
-        label_smoothing=eps, z_loss=lam, logit_softcap=softcap,
+        label_smoothing=eps, z_loss=lam, logit_softcap=softcap, filter_eps=filter_eps,
     )  # fmt: skip
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y = None
