@@ -286,8 +286,12 @@ def _gather_over(cfg, *arrays):
     return lax.psum(tuple(out), cfg.axis_name)
 
 
-def _core_forward(cfg, h, w, b, cw, y):
-    """One sweep over the vocabulary chunks: every statistic of ``_Core`` at once."""
+def _core_forward(cfg, h, w, b, cw, y, row_max=False):
+    """One sweep over the vocabulary chunks: every statistic of ``_Core`` at once.
+
+    ``row_max=True`` also returns each row's largest logit per chunk, ``(rows, chunks)``,
+    which bounds the filtered backward's tiles before it recomputes them.
+    """
     n_rows = h.shape[0]
     v_local = w.shape[cfg.vocab_axis]
     acc = cfg.acc_dtype
@@ -295,7 +299,7 @@ def _core_forward(cfg, h, w, b, cw, y):
     y_local = None if y is None else y - offset
 
     def body(carry, start, size):
-        m, s, zy, zw, t, am, tz, ti = carry
+        m, s, zy, zw, t, am, tz, ti, rm = carry
         z = _tile_logits(
             h, _vocab_slice(w, cfg, start, size), _vocab_slice(b, cfg, start, size), cfg
         )
@@ -305,6 +309,8 @@ def _core_forward(cfg, h, w, b, cw, y):
             cw_c = _vocab_slice(cw, cfg, start, size)
             zw = zw + (jnp.sum(z, axis=1) if cw_c is None else z @ cw_c.astype(acc))
         m_c = jnp.max(z, axis=1)
+        if rm is not None:
+            rm = lax.dynamic_update_slice_in_dim(rm, m_c[:, None], start // cfg.chunk, 1)
         if am is not None:
             # Strictly greater: an equal maximum in a later chunk keeps the first index.
             first = jnp.argmax(z, axis=1).astype(jnp.int32) + (start + offset)
@@ -324,7 +330,7 @@ def _core_forward(cfg, h, w, b, cw, y):
         if t is not None:
             # e == 0 where z = -inf (d = -inf): that entry adds nothing, not 0·(-inf).
             t = t + jnp.sum(jnp.where(e > 0, e * d, 0.0), axis=1)
-        return m_new, s, zy, zw, t, am, tz, ti
+        return m_new, s, zy, zw, t, am, tz, ti, rm
 
     zeros = jnp.zeros((n_rows,), acc)
     init = (
@@ -336,9 +342,10 @@ def _core_forward(cfg, h, w, b, cw, y):
         jnp.zeros((n_rows,), jnp.int32) if cfg.need_argmax else None,
         jnp.full((n_rows, cfg.top_k), -jnp.inf, acc) if cfg.top_k else None,
         jnp.full((n_rows, cfg.top_k), _NO_INDEX, jnp.int32) if cfg.top_k else None,
+        jnp.full((n_rows, -(-v_local // cfg.chunk)), -jnp.inf, acc) if row_max else None,
     )
     init = _as_varying(init, _vma(h, w, b, cw, y_local, offset))
-    m, s, zy, zw, t, am, tz, ti = _loop(v_local, cfg.chunk, body, init)
+    m, s, zy, zw, t, am, tz, ti, rm = _loop(v_local, cfg.chunk, body, init)
     if cfg.axis_name is not None:
         m_local = m
     m, s, zy, zw, t = _global_stats(cfg, m, s, zy, zw, t)
@@ -354,7 +361,8 @@ def _core_forward(cfg, h, w, b, cw, y):
     if t is not None:
         # H = lse - Σ p u = log s - t/s: both terms >= 0 (t <= 0), so no cancellation.
         ent = jnp.where(s > 0, num.safe_log(s) - t / jnp.where(s > 0, s, 1.0), 0.0)
-    return _Core(lse, None if y is None else zy, zw if cfg.need_zw else None, ent, am, tz, ti)
+    core = _Core(lse, None if y is None else zy, zw if cfg.need_zw else None, ent, am, tz, ti)
+    return (core, rm) if row_max else core
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -363,8 +371,11 @@ def _stats(cfg, h, w, b, cw, y):
 
 
 def _stats_fwd(cfg, h, w, b, cw, y):
-    out = _core_forward(cfg, h, w, b, cw, y)
-    return out, (h, w, b, cw, y, out.lse, out.entropy, out.top_i)
+    if _bounded_filter(cfg, cw):
+        out, row_max = _core_forward(cfg, h, w, b, cw, y, row_max=True)
+    else:
+        out, row_max = _core_forward(cfg, h, w, b, cw, y), None
+    return out, (h, w, b, cw, y, out.lse, out.entropy, out.top_i, row_max)
 
 
 def _stats_bwd(cfg, res, cts):
@@ -373,7 +384,7 @@ def _stats_bwd(cfg, res, cts):
     With ``p = softmax(u)``, ``u = z/T``: ``∂lse/∂u = p``, ``∂H/∂u = -p (u - lse + H)``,
     ``∂z_y/∂z = onehot(y)``, ``∂(Σ w z)/∂z = w``, ``∂top_z/∂z = onehot(top_i)``.
     """
-    h, w, b, cw, y, lse, ent, top_i = res
+    h, w, b, cw, y, lse, ent, top_i, row_max = res
     v_local = w.shape[cfg.vocab_axis]
     acc = cfg.acc_dtype
     offset = _shard_offset(cfg, v_local)
@@ -384,44 +395,41 @@ def _stats_bwd(cfg, res, cts):
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     mean_u = None if ent is None else lse_safe - ent  # Σ p u
 
+    def tile(rs, start, size, w_c, b_c, cw_c):
+        """Logits ``z`` and gradient ``dz`` (w.r.t. the uncapped logits) of rows ``rs``."""
+        z = _tile_logits(h[rs], w_c, b_c, cfg)
+        u = _scaled(z, cfg)
+        p = jnp.exp(u - lse_safe[rs, None])
+        coef = g_lse[rs, None]
+        if ent is not None:
+            coef = coef - cts.entropy[rs, None] * jnp.where(p > 0, u - mean_u[rs, None], 0.0)
+        dz = _scaled(p * coef, cfg)
+        if y is not None:
+            dz = dz + jnp.where(_label_hits(y_local[rs], start, size), cts.zy[rs, None], 0.0)
+        if cfg.need_zw:
+            g_zw = cts.zw[rs]
+            dz = dz + (g_zw[:, None] if cw_c is None else g_zw[:, None] * cw_c.astype(acc))
+        if top_local is not None:
+            cols = start + lax.broadcasted_iota(jnp.int32, (1, size, 1), 1)
+            hits = cols == top_local[rs, None, :]
+            dz = dz + jnp.sum(jnp.where(hits, cts.top_z[rs, None, :], 0.0), axis=2)
+        return z, _softcap_chain(dz, z, cfg)
+
     def body(carry, start, size):
         dh, dw, db, dcw = carry
         w_c = _vocab_slice(w, cfg, start, size)
-        z = _tile_logits(h, w_c, _vocab_slice(b, cfg, start, size), cfg)
-        u = _scaled(z, cfg)
-        p = jnp.exp(u - lse_safe[:, None])
-        coef = g_lse[:, None]
-        if ent is not None:
-            coef = coef - cts.entropy[:, None] * jnp.where(p > 0, u - mean_u[:, None], 0.0)
-        dz = _scaled(p * coef, cfg)
-        if y is not None:
-            dz = dz + jnp.where(_label_hits(y_local, start, size), cts.zy[:, None], 0.0)
-        if cfg.need_zw:
-            cw_c = _vocab_slice(cw, cfg, start, size)
-            g_zw = cts.zw
-            dz = dz + (g_zw[:, None] if cw_c is None else g_zw[:, None] * cw_c.astype(acc))
-            if dcw is not None:
-                dcw = lax.dynamic_update_slice_in_dim(dcw, (g_zw @ z).astype(dcw.dtype), start, 0)
-        if top_local is not None:
-            cols = start + lax.broadcasted_iota(jnp.int32, (1, size, 1), 1)
-            hits = cols == top_local[:, None, :]
-            dz = dz + jnp.sum(jnp.where(hits, cts.top_z[:, None, :], 0.0), axis=2)
-        dz = _softcap_chain(dz, z, cfg)
+        cw_c = _vocab_slice(cw, cfg, start, size) if cfg.need_zw else None
+        z, dz = tile(slice(None), start, size, w_c, _vocab_slice(b, cfg, start, size), cw_c)
+        if dcw is not None and cfg.need_zw:
+            dcw = lax.dynamic_update_slice_in_dim(dcw, (cts.zw @ z).astype(dcw.dtype), start, 0)
         dz_c = dz.astype(cfg.compute_dtype)
-        if cfg.filter_eps is None:
-            dh = dh + _hidden_grad(dz_c, w_c, cfg)
-            dw_c = _weight_grad(h, dz_c, cfg).astype(dw.dtype)
-        else:
-            skip = _skippable(dz, unit, y_local, top_local, cts.top_z, start, size, cfg)
-            dh, dw_c = _filtered_grads(dh, dz_c, h, w_c, skip, cfg)
-            dw_c = dw_c.astype(dw.dtype)
+        dh = dh + _hidden_grad(dz_c, w_c, cfg)
+        dw_c = _weight_grad(h, dz_c, cfg).astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, cfg.vocab_axis)
         if db is not None:
-            # The bias gradient costs no matmul: it stays exact under filtering.
             db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, 0).astype(db.dtype), start, 0)
         return dh, dw, db, dcw
 
-    unit = None if cfg.filter_eps is None else _filter_unit(cfg, cts, cw, v_local)
     init = (
         jnp.zeros(h.shape, acc),
         jnp.zeros(w.shape, w.dtype),
@@ -429,8 +437,17 @@ def _stats_bwd(cfg, res, cts):
         None if cw is None else jnp.zeros(cw.shape, cw.dtype),
     )
     float_cts = [c for c in (cts.lse, cts.zy, cts.zw, cts.entropy, cts.top_z) if c is not None]
-    init = _as_varying(init, _vma(h, w, b, cw, y_local, lse, ent, top_local, *float_cts))
-    dh, dw, db, dcw = _loop(v_local, cfg.chunk, body, init)
+    vma = _vma(h, w, b, cw, y_local, lse, ent, top_local, row_max, *float_cts)
+    init = _as_varying(init, vma)
+    if cfg.filter_eps is None:
+        dh, dw, db, dcw = _loop(v_local, cfg.chunk, body, init)
+    else:
+        flt = _Filter(
+            unit=_filter_unit(cfg, cts, cw, v_local), y_local=y_local, top_local=top_local,
+            g_top=cts.top_z, row_max=row_max, lse=lse_safe, g_lse=g_lse,
+            g_zw=cts.zw if cfg.need_zw else None, vma=vma,
+        )  # fmt: skip
+        dh, dw, db, dcw = _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init)
     dh = _sum_over_copies(dh, h).astype(h.dtype)
     dw, db, dcw = (_sum_over_copies(c, p) for c, p in ((dw, w), (db, b), (dcw, cw)))
     return dh, dw, db, dcw, None
@@ -440,6 +457,38 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 
 
 # ------------------------------------------------------------------ gradient filtering
+
+
+def _bounded_filter(cfg, cw):
+    """Whether a tile's gradient can be bounded before recomputing it (see ``_pre_skip``).
+
+    For the loss's statistics (``lse``, ``z_y``, ``Σ_c z_c``) every element is at most
+    ``|g_lse| p + |g_zw|`` off the label column, and ``p <= exp(max_c z - lse)``: the
+    forward's per-row chunk maxima bound it. Not for the entropy and top-k (other
+    factors) nor for class-weighted smoothing, whose ``weight`` gradient ``Σ_i g_zw z``
+    needs every logit.
+    """
+    return (
+        cfg.filter_eps is not None
+        and not cfg.need_entropy
+        and cfg.top_k == 0
+        and cfg.temperature == 1.0
+        and not (cfg.need_zw and cw is not None)
+    )
+
+
+class _Filter(NamedTuple):
+    """Per-token arrays the filtered backward needs (``None`` where not used)."""
+
+    unit: jax.Array  # T_i, see _filter_unit
+    y_local: jax.Array | None
+    top_local: jax.Array | None
+    g_top: jax.Array | None
+    row_max: jax.Array | None  # (rows, chunks) forward maxima, for _pre_skip
+    lse: jax.Array
+    g_lse: jax.Array
+    g_zw: jax.Array | None
+    vma: frozenset
 
 
 def _filter_unit(cfg, cts, cw, v_local):
@@ -468,44 +517,112 @@ def _filter_unit(cfg, cts, cw, v_local):
     return jnp.where(unit > 0, unit, jnp.abs(cts.lse))
 
 
-def _skippable(dz, unit, y_local, top_local, g_top, start, size, cfg):
-    """Per row block of the chunk: whether its ``d_hidden``/``d_weight`` work may be skipped.
+def _must_keep(flt, rs, start, size):
+    """Rows ``rs`` whose label (or differentiated top-k index) lies in the chunk."""
+    active = flt.unit[rs] != 0
+    keep = jnp.zeros(active.shape, bool)
+    if flt.y_local is not None:
+        y = flt.y_local[rs]
+        keep = active & (y >= start) & (y < start + size)
+    if flt.top_local is not None:
+        t = flt.top_local[rs]
+        keep = keep | jnp.any((t >= start) & (t < start + size) & (flt.g_top[rs] != 0), axis=1)
+    return keep
 
-    A block is skipped only when every element of its logits gradient ``dz`` (the one
-    actually applied: class/sample weights, z-loss and soft-cap factors included) is
-    ``< filter_eps·T_i`` in magnitude on its active tokens (``T_i != 0``), none of those
-    tokens has its label (or a differentiated top-k index) in the chunk, and none is
-    poisoned: a NaN ``dz`` or ``T`` fails ``<`` and keeps the block.
+
+def _skippable(dz, flt, rs, start, size, cfg):
+    """Whether a ``(rows, chunk)`` tile's ``d_hidden``/``d_weight`` matmuls may be skipped.
+
+    Only when every element of its logits gradient ``dz`` (the one actually applied:
+    class/sample weights, z-loss and soft-cap factors included) is ``< filter_eps·T_i``
+    on its active tokens (``T_i != 0``), none of them has its label (or a differentiated
+    top-k index) in the chunk, and none is poisoned: a NaN ``dz`` or ``T`` fails ``<``.
     """
-    active = unit != 0
-    small = jnp.abs(dz) < cfg.filter_eps * unit[:, None]
-    row_ok = jnp.all(small, axis=1) | ~active
-    if y_local is not None:
-        row_ok = row_ok & ~(active & (y_local >= start) & (y_local < start + size))
-    if top_local is not None:
-        in_chunk = (top_local >= start) & (top_local < start + size) & (g_top != 0)
-        row_ok = row_ok & ~jnp.any(in_chunk, axis=1)
-    n = dz.shape[0]
-    return [jnp.all(row_ok[r : r + cfg.filter_rows]) for r in range(0, n, cfg.filter_rows)]
+    unit = flt.unit[rs]
+    small = jnp.all(jnp.abs(dz) < cfg.filter_eps * unit[:, None], axis=1) | (unit == 0)
+    return jnp.all(small & ~_must_keep(flt, rs, start, size))
 
 
-def _filtered_grads(dh, dz_c, h, w_c, skip, cfg):
-    """``dh += dz wᵀ`` and this chunk's ``hᵀ dz``, row block by row block, each block's two
-    matmuls under a ``lax.cond`` that skips them where ``skip`` says so."""
-    rows = cfg.filter_rows
-    dw_shape = (h.shape[1], dz_c.shape[1]) if cfg.layout == "dv" else (dz_c.shape[1], h.shape[1])
-    dw_c = _as_varying(jnp.zeros(dw_shape, cfg.acc_dtype), _vma(h, dz_c))
-    parts = []
-    for k, r in enumerate(range(0, h.shape[0], rows)):
-        dh_b, dz_b, h_b = dh[r : r + rows], dz_c[r : r + rows], h[r : r + rows]
+def _pre_skip(flt, rs, start, size, cfg):
+    """``_skippable`` decided from the forward's chunk maxima, before any recomputation.
 
-        def work(dh_b, dw_c, dz_b=dz_b, h_b=h_b):
-            return dh_b + _hidden_grad(dz_b, w_c, cfg), dw_c + _weight_grad(h_b, dz_b, cfg)
+    ``|dz_ic| <= |g_lse,i|·exp(max_c z_ic - lse_i) + |g_zw,i|`` off the label column (the
+    soft-cap factor is at most 1), so a tile where that bound is ``< filter_eps·T_i`` for
+    every active token (and no label lies in it) needs neither its logits nor its
+    matmuls; equal to the exact test up to the smoothing term and rounding.
+    """
+    unit = flt.unit[rs]
+    p_max = jnp.exp(flt.row_max[rs, start // cfg.chunk] - flt.lse[rs])
+    bound = jnp.abs(flt.g_lse[rs]) * p_max
+    if flt.g_zw is not None:
+        bound = bound + jnp.abs(flt.g_zw[rs])
+    small = (bound < cfg.filter_eps * unit) | (unit == 0)
+    return jnp.all(small & ~_must_keep(flt, rs, start, size))
 
-        dh_b, dw_c = lax.cond(skip[k], lambda a, b: (a, b), work, dh_b, dw_c)
-        parts.append(dh_b)
-    dh = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return dh, dw_c
+
+def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
+    """The backward sweep with gradient filtering, ``(rows, chunk)`` tile by tile.
+
+    Each tile recomputes its logits and gradient, adds the cheap bias / class-weight
+    gradient sums, and runs its two matmuls under a ``lax.cond`` on ``_skippable``;
+    where ``_bounded_filter`` holds, the whole tile sits under a ``lax.cond`` on
+    ``_pre_skip`` first, so a skipped tile costs no recomputation either.
+    """
+    n = h.shape[0]
+    acc = cfg.acc_dtype
+    blocks = [slice(r, min(r + cfg.filter_rows, n)) for r in range(0, n, cfg.filter_rows)]
+    bounded = flt.row_max is not None
+
+    def body(carry, start, size):
+        dh_blocks, dw, db, dcw = carry
+        w_c = _vocab_slice(w, cfg, start, size)
+        b_c = _vocab_slice(b, cfg, start, size)
+        cw_c = _vocab_slice(cw, cfg, start, size) if cfg.need_zw else None
+        d_shape = (h.shape[1], size) if cfg.layout == "dv" else (size, h.shape[1])
+        sums = (
+            jnp.zeros(d_shape, acc),
+            None if db is None else jnp.zeros((size,), acc),
+            None if dcw is None or not cfg.need_zw else jnp.zeros((size,), acc),
+        )
+        dw_c, db_c, dcw_c = _as_varying(sums, flt.vma)
+        out = []
+        for rs, dh_b in zip(blocks, dh_blocks, strict=True):
+
+            def matmuls(dh_b, dw_c, dz_c, rs=rs):
+                return dh_b + _hidden_grad(dz_c, w_c, cfg), dw_c + _weight_grad(h[rs], dz_c, cfg)
+
+            def work(dh_b, dw_c, db_c, dcw_c, rs=rs, matmuls=matmuls):
+                z, dz = tile(rs, start, size, w_c, b_c, cw_c)
+                if db_c is not None:
+                    db_c = db_c + jnp.sum(dz, 0)
+                if dcw_c is not None:
+                    dcw_c = dcw_c + cts.zw[rs] @ z
+                dz_c = dz.astype(cfg.compute_dtype)
+                skip = _skippable(dz, flt, rs, start, size, cfg)
+                dh_b, dw_c = lax.cond(
+                    skip, lambda a, b, _: (a, b), matmuls, dh_b, dw_c, dz_c
+                )
+                return dh_b, dw_c, db_c, dcw_c
+
+            state = (dh_b, dw_c, db_c, dcw_c)
+            if bounded:
+                skip = _pre_skip(flt, rs, start, size, cfg)
+                state = lax.cond(skip, lambda *a: a, work, *state)
+            else:
+                state = work(*state)
+            dh_b, dw_c, db_c, dcw_c = state
+            out.append(dh_b)
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, cfg.vocab_axis)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), start, 0)
+        if dcw_c is not None:
+            dcw = lax.dynamic_update_slice_in_dim(dcw, dcw_c.astype(dcw.dtype), start, 0)
+        return tuple(out), dw, db, dcw
+
+    dh, dw, db, dcw = init
+    carry = (tuple(dh[rs] for rs in blocks), dw, db, dcw)
+    dh_blocks, dw, db, dcw = _loop(w.shape[cfg.vocab_axis], cfg.chunk, body, carry)
+    return jnp.concatenate(dh_blocks, axis=0), dw, db, dcw
 
 
 # ------------------------------------------------------------------- public function
