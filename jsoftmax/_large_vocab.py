@@ -56,7 +56,7 @@ _MIN_CHUNK = 128
 # logits gradient decides on its own whether its d_hidden/d_weight matmuls run. Smaller
 # blocks skip more on language-model logits (measured in docs/performance.md) but cost a
 # `lax.cond` and a smaller matmul each.
-_FILTER_ROWS = 256
+_FILTER_ROWS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,9 +564,11 @@ def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
     """The backward sweep with gradient filtering, ``(rows, chunk)`` tile by tile.
 
     Each tile recomputes its logits and gradient, adds the cheap bias / class-weight
-    gradient sums, and runs its two matmuls under a ``lax.cond`` on ``_skippable``;
-    where ``_bounded_filter`` holds, the whole tile sits under a ``lax.cond`` on
-    ``_pre_skip`` first, so a skipped tile costs no recomputation either.
+    gradient sums, and runs its two matmuls under a ``lax.cond`` on ``_skippable``.
+    Where ``_bounded_filter`` holds, ``_pre_skip`` is decided first for every tile of a
+    chunk: a chunk with no skippable tile takes one chunk-wide step (as without
+    filtering: no per-tile overhead where filtering cannot help), otherwise each tile
+    sits under a ``lax.cond`` on it, so a skipped tile costs no recomputation either.
     """
     n = h.shape[0]
     acc = cfg.acc_dtype
@@ -584,40 +586,64 @@ def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
             None if db is None else jnp.zeros((size,), acc),
             None if dcw is None or not cfg.need_zw else jnp.zeros((size,), acc),
         )
-        dw_c, db_c, dcw_c = _as_varying(sums, flt.vma)
-        out = []
-        for rs, dh_b in zip(blocks, dh_blocks, strict=True):
+        state = (dh_blocks, *_as_varying(sums, flt.vma))
 
-            def matmuls(dh_b, dw_c, dz_c, rs=rs):
-                return dh_b + _hidden_grad(dz_c, w_c, cfg), dw_c + _weight_grad(h[rs], dz_c, cfg)
+        def sums_of(z, dz, rs, db_c, dcw_c):
+            db_c = None if db_c is None else db_c + jnp.sum(dz, 0)
+            dcw_c = None if dcw_c is None else dcw_c + cts.zw[rs] @ z
+            return db_c, dcw_c
 
-            def work(dh_b, dw_c, db_c, dcw_c, rs=rs, matmuls=matmuls):
-                z, dz = tile(rs, start, size, w_c, b_c, cw_c)
-                if db_c is not None:
-                    db_c = db_c + jnp.sum(dz, 0)
-                if dcw_c is not None:
-                    dcw_c = dcw_c + cts.zw[rs] @ z
-                dz_c = dz.astype(cfg.compute_dtype)
-                skip = _skippable(dz, flt, rs, start, size, cfg)
-                dh_b, dw_c = lax.cond(
-                    skip, lambda a, b, _: (a, b), matmuls, dh_b, dw_c, dz_c
-                )
-                return dh_b, dw_c, db_c, dcw_c
+        def whole(dh_blocks, dw_c, db_c, dcw_c):
+            # Every tile kept: one chunk-wide step, as without filtering.
+            z, dz = tile(slice(None), start, size, w_c, b_c, cw_c)
+            dz_c = dz.astype(cfg.compute_dtype)
+            dh = _hidden_grad(dz_c, w_c, cfg)
+            dh_blocks = tuple(dh_b + dh[rs] for rs, dh_b in zip(blocks, dh_blocks, strict=True))
+            return (
+                dh_blocks,
+                dw_c + _weight_grad(h, dz_c, cfg),
+                *sums_of(z, dz, slice(None), db_c, dcw_c),
+            )
 
-            state = (dh_b, dw_c, db_c, dcw_c)
-            if bounded:
-                skip = _pre_skip(flt, rs, start, size, cfg)
-                state = lax.cond(skip, lambda *a: a, work, *state)
-            else:
-                state = work(*state)
-            dh_b, dw_c, db_c, dcw_c = state
-            out.append(dh_b)
+        def tiled(dh_blocks, dw_c, db_c, dcw_c, pre=None):
+            out = []
+            for k, (rs, dh_b) in enumerate(zip(blocks, dh_blocks, strict=True)):
+
+                def matmuls(dh_b, dw_c, dz_c, rs=rs):
+                    dh_b = dh_b + _hidden_grad(dz_c, w_c, cfg)
+                    return dh_b, dw_c + _weight_grad(h[rs], dz_c, cfg)
+
+                def work(dh_b, dw_c, db_c, dcw_c, rs=rs, matmuls=matmuls):
+                    z, dz = tile(rs, start, size, w_c, b_c, cw_c)
+                    db_c, dcw_c = sums_of(z, dz, rs, db_c, dcw_c)
+                    skip = _skippable(dz, flt, rs, start, size, cfg)
+                    dz_c = dz.astype(cfg.compute_dtype)
+                    keep = lambda a, b, _: (a, b)  # noqa: E731
+                    dh_b, dw_c = lax.cond(skip, keep, matmuls, dh_b, dw_c, dz_c)
+                    return dh_b, dw_c, db_c, dcw_c
+
+                tile_state = (dh_b, dw_c, db_c, dcw_c)
+                if pre is None:
+                    tile_state = work(*tile_state)
+                else:
+                    tile_state = lax.cond(pre[k], lambda *a: a, work, *tile_state)
+                dh_b, dw_c, db_c, dcw_c = tile_state
+                out.append(dh_b)
+            return tuple(out), dw_c, db_c, dcw_c
+
+        if bounded:
+            pre = [_pre_skip(flt, rs, start, size, cfg) for rs in blocks]
+            any_skip = functools.reduce(jnp.logical_or, pre)
+            state = lax.cond(any_skip, functools.partial(tiled, pre=pre), whole, *state)
+        else:
+            state = tiled(*state)
+        dh_blocks, dw_c, db_c, dcw_c = state
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), start, 0)
         if dcw_c is not None:
             dcw = lax.dynamic_update_slice_in_dim(dcw, dcw_c.astype(dcw.dtype), start, 0)
-        return tuple(out), dw, db, dcw
+        return dh_blocks, dw, db, dcw
 
     dh, dw, db, dcw = init
     carry = (tuple(dh[rs] for rs in blocks), dw, db, dcw)
@@ -628,9 +654,9 @@ def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
 # ------------------------------------------------------------------- public function
 
 
-def _default_chunk(n_rows: int, v_local: int) -> int:
-    """Vocabulary chunk so that one float32 ``(n_rows, chunk)`` tile is ~``_TILE_BYTES``."""
-    chunk = _TILE_BYTES // (4 * max(n_rows, 1))
+def _default_chunk(n_rows: int, v_local: int, tile_bytes: int = _TILE_BYTES) -> int:
+    """Vocabulary chunk so that one float32 ``(n_rows, chunk)`` tile is ~``tile_bytes``."""
+    chunk = tile_bytes // (4 * max(n_rows, 1))
     chunk = max(_MIN_CHUNK, chunk // _MIN_CHUNK * _MIN_CHUNK)
     return min(chunk, v_local)
 
@@ -755,8 +781,10 @@ def _reorder(order, labels, bias, weight, linear_weight, layout, axis_name, igno
             f"`vocab_order` needs an `ignore_index` outside [0, {n_vocab}) (got "
             f"{ignore_index}): a permuted label could collide with it."
         )
-    inv = jnp.full((n_vocab,), -1, jnp.int32).at[order].set(
-        jnp.arange(n_vocab, dtype=jnp.int32), mode="drop"
+    inv = (
+        jnp.full((n_vocab,), -1, jnp.int32)
+        .at[order]
+        .set(jnp.arange(n_vocab, dtype=jnp.int32), mode="drop")
     )
     is_perm = jnp.all(inv >= 0)
     if labels is not None:
@@ -915,9 +943,7 @@ def linear_softmax_stats(
         filter_eps=_filter_option(filter_eps),
         filter_rows=_FILTER_ROWS,
     )
-    return _linear_softmax_stats(
-        statics, hidden, linear_weight, labels, linear_bias, vocab_order
-    )
+    return _linear_softmax_stats(statics, hidden, linear_weight, labels, linear_bias, vocab_order)
 
 
 class _StatsStatics(NamedTuple):
@@ -1223,8 +1249,12 @@ def _make_config(
     inp, layout, chunk_size, softcap, axis_name, filter_eps=None, filter_rows=0, **stats
 ):
     n_rows = inp.h2.shape[0]
-    chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, inp.v_local)
     eps = check.filter_eps(filter_eps, inp.compute)
+    chunk = chunk_size
+    if chunk is None:
+        # Filtering: half-size chunks, so that more (rows, chunk) tiles can be skipped.
+        tile_bytes = _TILE_BYTES if eps is None else _TILE_BYTES // 2
+        chunk = _default_chunk(n_rows, inp.v_local, tile_bytes)
     return _Config(
         filter_eps=eps,
         filter_rows=max(1, min(filter_rows, n_rows) if filter_rows else n_rows),
