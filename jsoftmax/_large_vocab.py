@@ -654,9 +654,9 @@ def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
 # ------------------------------------------------------------------- public function
 
 
-def _default_chunk(n_rows: int, v_local: int, tile_bytes: int = _TILE_BYTES) -> int:
-    """Vocabulary chunk so that one float32 ``(n_rows, chunk)`` tile is ~``tile_bytes``."""
-    chunk = tile_bytes // (4 * max(n_rows, 1))
+def _default_chunk(n_rows: int, v_local: int) -> int:
+    """Vocabulary chunk so that one float32 ``(n_rows, chunk)`` tile is ~``_TILE_BYTES``."""
+    chunk = _TILE_BYTES // (4 * max(n_rows, 1))
     chunk = max(_MIN_CHUNK, chunk // _MIN_CHUNK * _MIN_CHUNK)
     return min(chunk, v_local)
 
@@ -1250,11 +1250,7 @@ def _make_config(
 ):
     n_rows = inp.h2.shape[0]
     eps = check.filter_eps(filter_eps, inp.compute)
-    chunk = chunk_size
-    if chunk is None:
-        # Filtering: half-size chunks, so that more (rows, chunk) tiles can be skipped.
-        tile_bytes = _TILE_BYTES if eps is None else _TILE_BYTES // 2
-        chunk = _default_chunk(n_rows, inp.v_local, tile_bytes)
+    chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, inp.v_local)
     return _Config(
         filter_eps=eps,
         filter_rows=max(1, min(filter_rows, n_rows) if filter_rows else n_rows),
