@@ -898,6 +898,12 @@ def linear_softmax_stats(
       ignore_index: label value whose ``label_logprob`` is 0 and ``correct`` False.
       chunk_size: vocabulary entries per chunk, as in
         :func:`jsoftmax.linear_cross_entropy`.
+      filter_eps: gradient filtering of the backward pass, as in
+        :func:`jsoftmax.linear_cross_entropy`; here ``T_i`` sums the magnitudes of the
+        cotangents of the token's ``label_logprob``, ``entropy`` and ``topk_logprobs``.
+      vocab_order: a permuted ``linear_weight``'s order, as in
+        :func:`jsoftmax.linear_cross_entropy`; ``argmax`` and ``topk_indices`` are
+        returned in the caller's ids.
       axis_name: mesh axis (or axes) over which ``linear_weight`` and ``linear_bias``
         are sharded along the vocabulary, inside ``jax.shard_map``: the statistics are
         over the whole vocabulary (global arg-max and top-k, entropy from the shards'
@@ -1074,6 +1080,22 @@ def linear_cross_entropy(
         the same backward sweep. Not together with ``return_lse`` (``stats.lse`` is it).
       top_k: with ``return_stats``, also the ``top_k`` largest log-probabilities per
         token and their indices (a small Python int; 0 for none).
+      filter_eps: gradient filtering (Cut Cross-Entropy's): ``None`` (exact, the
+        default), a Python float ``>= 0``, or ``"auto"`` (the compute dtype's epsilon /
+        32: ``2**-12`` for bfloat16, ``2**-28`` for float32). The backward pass skips
+        the ``d_hidden``/``d_weight`` matmuls of a ``(128 tokens, chunk)`` tile when
+        every element of its logits gradient is below ``filter_eps·T_i`` for each
+        token ``i`` (``T_i`` the token's weight in the loss), unless a token's label
+        lies in the tile. The loss value never changes; the error bound is in the
+        large-vocabulary guide. On ``impl="pallas"`` the kernel's own tiles filter.
+      vocab_order: optional ``(V,)`` integer permutation: ``linear_weight`` is stored
+        permuted, its column (``"dv"``; row for ``"vd"``) ``j`` being the caller's
+        class ``vocab_order[j]`` (e.g. :func:`jsoftmax.vocab_order_from_counts`, so that
+        rare classes share chunks that filtering skips). ``labels``, ``weight``,
+        ``linear_bias`` and the returned indices stay in the caller's ids; the
+        ``linear_weight`` gradient comes back in the stored (permuted) layout. Under
+        ``axis_name``, ``linear_bias`` and ``weight`` must then be whole ``(V,)``
+        vectors. An order that is not a permutation makes the loss NaN.
 
     Returns:
       The loss (float32 for half-precision inputs, float64 for float64): a scalar,
@@ -1383,9 +1405,9 @@ def _reduce(total, base, w_y, reduction, normalizer, bad):
         return total
     den = None
     if normalizer is None:
-        # A bad label poisons the denominator too: a batch of only bad labels is NaN, not 0.
         den = jnp.sum(base if w_y is None else base * w_y)
-        den = jnp.where(jnp.any(bad), jnp.nan, den)
+        # A batch of nothing but bad labels is NaN, not the empty batch's 0.
+        den = jnp.where((den == 0) & jnp.any(bad), jnp.nan, den)
     return num.mean_of(total, den, normalizer)
 
 
