@@ -20,7 +20,13 @@ Rows:
   temporary memory only (lowered and compiled, never run);
 * ``linear_softmax_stats``: ``value_and_grad`` w.r.t. hidden and weight of the RL-style
   objective ``Σ log p(y) + 0.01·Σ H`` against the same from materialised ``h @ W``
-  (``jax.nn.log_softmax``), at the linear cross-entropy row's shape.
+  (``jax.nn.log_softmax``), at the linear cross-entropy row's shape;
+* ``linear_cross_entropy`` with ``filter_eps=2**-12`` and ``vocab_order`` on a synthetic
+  language-model head (``lm_head_inputs``: Zipfian unigram bias, ~3 nats per token,
+  weight stored in frequency order) against ``h @ W + b`` followed by the optax loss,
+  and on random logits of standard deviation 3 (``random_head_inputs``, where nothing
+  can be skipped) against the same call with ``filter_eps=None``; both at the linear
+  cross-entropy row's shape.
 
 ``--quick`` uses smaller shapes and 5 pairs (under a minute on 2 cores); its rows are
 labelled "quick" and do not stand in for the PERF.md numbers.
