@@ -1326,7 +1326,8 @@ def _linear_cross_entropy(
         if impl == "pallas":
             return pallas()
         args = (hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer)
-        xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args, vocab_order)
+        # `args` are already in the permuted vocabulary: no second reordering.
+        xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args)
         return _impl.run_auto("linear_cross_entropy", pallas=pallas, xla=xla)
 
     cfg = _make_config(
