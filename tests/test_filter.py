@@ -12,6 +12,8 @@ the loss value never changes.
 
 from __future__ import annotations
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -338,3 +340,62 @@ def test_pallas_route_filters_too(monkeypatch):
     # Every dropped element is ~e^-30 / n: the gradients agree to rounding.
     np.testing.assert_allclose(dh1, dh0, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_auto(lm):
+    from jsoftmax import _validate
+
+    assert _validate.filter_eps("auto", jnp.bfloat16) == 2.0**-12
+    assert _validate.filter_eps("auto", jnp.float32) == 2.0**-28
+    h, w, y, b = lm
+    hb, wb = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+
+    def run(fe):
+        def loss(h, w):
+            return lce(h, w, y, linear_bias=b, chunk_size=CHUNK, filter_eps=fe)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hb, wb)
+
+    eps = 2.0**-10  # this small head has little below "auto"'s 2^-12
+    (v0, (dh0, dw0)), (v1, (dh1, dw1)) = run(None), run(eps)
+    assert v1.dtype == jnp.float32 and np.array_equal(v0, v1)
+    assert dh1.dtype == jnp.bfloat16 and dw1.dtype == jnp.bfloat16
+    assert not np.array_equal(dw0, dw1)
+    dz, unit = exact_logit_grad(hb.astype(jnp.float32), wb.astype(jnp.float32), y, b, {})
+    ok = skippable_tiles(dz, unit, np.asarray(y), eps)
+    bh, bw, _ = bound(wb.astype(jnp.float32), hb.astype(jnp.float32), unit, ok, eps)
+    # bf16 gradients: the bound plus the output rounding of a bf16 number.
+    err_h = np.abs(np.asarray(dh1, np.float64) - np.asarray(dh0, np.float64))
+    assert np.all(err_h <= bh + 2.0**-7 * np.abs(np.asarray(dh0, np.float64)) + 1e-6)
+    err_w = np.abs(np.asarray(dw1, np.float64) - np.asarray(dw0, np.float64))
+    assert np.all(err_w <= bw + 2.0**-7 * np.abs(np.asarray(dw0, np.float64)) + 1e-6)
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=6, deadline=None)
+@hypothesis.given(
+    scale=st.floats(0.5, 6.0),
+    log2_eps=st.integers(-16, -6),
+    smoothing=st.sampled_from([0.0, 0.01]),
+    seed=st.integers(0, 2**16),
+)
+def test_bound_holds_for_random_heads(scale, log2_eps, smoothing, seed):
+    rng = np.random.default_rng(seed)
+    n, d, v = 64, 8, 512
+    h = jnp.asarray(rng.normal(size=(n, d)) * scale, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    b = jnp.asarray(-np.linspace(0.0, 12.0, v), jnp.float32)  # sorted-like: rarer to the right
+    y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
+    eps, opts = 2.0**log2_eps, dict(label_smoothing=smoothing)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lv, "_FILTER_ROWS", ROWS)
+        val0, (dh0, dw0, _) = grads(h, w, y, b, None, **opts)
+        val1, (dh1, dw1, _) = grads(h, w, y, b, eps, **opts)
+    assert np.array_equal(val0, val1)
+    dz, unit = exact_logit_grad(h, w, y, b, opts)
+    ok = skippable_tiles(dz, unit, np.asarray(y), eps)
+    bh, bw, _ = bound(w, h, unit, ok, eps)
+    err_h = np.abs(np.asarray(dh1, np.float64) - np.asarray(dh0, np.float64))
+    err_w = np.abs(np.asarray(dw1, np.float64) - np.asarray(dw0, np.float64))
+    assert np.all(err_h <= bh + 1e-6 * np.abs(dh0).max())
+    assert np.all(err_w <= bw + 1e-6 * np.abs(dw0).max())
