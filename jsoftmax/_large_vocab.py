@@ -898,16 +898,16 @@ def linear_softmax_stats(
       ignore_index: label value whose ``label_logprob`` is 0 and ``correct`` False.
       chunk_size: vocabulary entries per chunk, as in
         :func:`jsoftmax.linear_cross_entropy`.
+      axis_name: mesh axis (or axes) over which ``linear_weight`` and ``linear_bias``
+        are sharded along the vocabulary, inside ``jax.shard_map``: the statistics are
+        over the whole vocabulary (global arg-max and top-k, entropy from the shards'
+        sums); labels and indices are global.
       filter_eps: gradient filtering of the backward pass, as in
         :func:`jsoftmax.linear_cross_entropy`; here ``T_i`` sums the magnitudes of the
         cotangents of the token's ``label_logprob``, ``entropy`` and ``topk_logprobs``.
       vocab_order: a permuted ``linear_weight``'s order, as in
         :func:`jsoftmax.linear_cross_entropy`; ``argmax`` and ``topk_indices`` are
         returned in the caller's ids.
-      axis_name: mesh axis (or axes) over which ``linear_weight`` and ``linear_bias``
-        are sharded along the vocabulary, inside ``jax.shard_map``: the statistics are
-        over the whole vocabulary (global arg-max and top-k, entropy from the shards'
-        sums); labels and indices are global.
 
     Returns:
       A :class:`jsoftmax.SoftmaxStats` of per-token arrays.
@@ -1115,6 +1115,11 @@ def linear_cross_entropy(
       >>> per_token = jsm.linear_cross_entropy(h, w, y, reduction="none")
       >>> [round(v, 4) for v in per_token.tolist()]
       [0.1429, 0.2413]
+      >>> order = jnp.array([2, 0, 1])  # the weight stored permuted; labels unchanged
+      >>> loss = jsm.linear_cross_entropy(
+      ...     h, w[:, order], y, vocab_order=order, filter_eps=2.0**-12)
+      >>> round(float(loss), 4)
+      0.1921
 
     References:
       Wijmans et al. 2025, "Cut Your Losses in Large-Vocabulary Language Models",
