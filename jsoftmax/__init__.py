@@ -29,6 +29,7 @@ from jsoftmax._losses import nll_loss as nll_loss
 from jsoftmax._large_vocab import SoftmaxStats as SoftmaxStats
 from jsoftmax._large_vocab import linear_cross_entropy as linear_cross_entropy
 from jsoftmax._large_vocab import linear_softmax_stats as linear_softmax_stats
+from jsoftmax._large_vocab import vocab_order_from_counts as vocab_order_from_counts
 # --- end large vocabularies
 
 # --- distillation (jsoftmax/_distill.py)

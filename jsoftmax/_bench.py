@@ -21,6 +21,12 @@ Rows:
 * ``linear_softmax_stats``: ``value_and_grad`` w.r.t. hidden and weight of the RL-style
   objective ``Σ log p(y) + 0.01·Σ H`` against the same from materialised ``h @ W``
   (``jax.nn.log_softmax``), at the linear cross-entropy row's shape;
+* ``linear_cross_entropy`` with ``filter_eps=2**-12`` and ``vocab_order`` on a synthetic
+  language-model head (``lm_head_inputs``: Zipfian unigram bias, ~3 nats per token,
+  weight stored in frequency order) against ``h @ W + b`` followed by the optax loss,
+  and on random logits of standard deviation 3 (``random_head_inputs``, where nothing
+  can be skipped) against the same call with ``filter_eps=None``; both at the linear
+  cross-entropy row's shape.
 * ``linear_kl_divergence`` (forward KL) and ``linear_jsd`` (``β = 0.5``):
   ``value_and_grad`` w.r.t. the student's hidden states and weight against the same
   divergence from both heads' materialised logits (teacher under ``stop_gradient``), at
@@ -231,6 +237,110 @@ def _linear_ce_big_case(sizes: Sizes) -> Case:
     )
 
 
+# Gradient filtering: a head whose softmax looks like a trained language model's.
+FILTER_EPS = 2.0**-12  # Cut Cross-Entropy's bfloat16 default, passed explicitly
+_ZIPF = 1.1  # unigram frequency of the r-th most frequent token ∝ r**-1.1
+_CONTEXT = 8  # candidate tokens mixed into each hidden state
+_STRENGTH = 14.0  # hidden-state scale: ~3 nats of per-token entropy at V=65536
+
+
+def lm_head_inputs(n: int, d: int, v: int, seed: int = 0):
+    """A synthetic language-model head ``(h, w_sorted, labels, bias, order)``.
+
+    Unigram frequencies are Zipfian, ``q_r ∝ r^-1.1`` over ranks ``r = 1..V``, assigned to
+    the caller's token ids by a random permutation. The bias is ``log q`` (the unigram
+    prior a trained head learns), ``W`` has independent ``N(0, 1/D)`` entries, and each
+    hidden state is ``20·Σ_k c_k W[:, t_k]``: ``K = 8`` context tokens ``t_k`` drawn from
+    ``q``, mixed with Dirichlet(1) weights ``c``. The logits ``h W + b`` then have ~3 nats
+    of entropy per token (about 3.0 at ``N=2048, D=512, V=65536``) and put their mass on
+    frequent tokens and on each token's context; the labels are sampled from
+    ``softmax(h W + b)`` (a calibrated model). The weight is returned stored in
+    frequency order (``w[:, order]``, ``order = vocab_order_from_counts(q)``); labels
+    and bias keep the caller's ids.
+    """
+    rng = np.random.default_rng(seed)
+    q_rank = np.arange(1, v + 1, dtype=np.float64) ** -_ZIPF
+    q_rank /= q_rank.sum()
+    ids = rng.permutation(v)  # ids[r]: the caller's id of the rank-r token
+    q = np.empty(v)
+    q[ids] = q_rank
+    w = (rng.standard_normal((d, v)) / np.sqrt(d)).astype(np.float32)
+    ctx = rng.choice(v, size=(n, _CONTEXT), p=q)
+    mix = rng.dirichlet(np.ones(_CONTEXT), size=n)
+    h = (_STRENGTH * np.einsum("nk,nkd->nd", mix, w.T[ctx])).astype(np.float32)
+    bias = np.log(q).astype(np.float32)
+    keys = jax.random.split(jax.random.PRNGKey(seed), -(-n // 256))
+    rows = []
+    for i, key in enumerate(keys):  # sampled in row blocks: no (N, V) array at once
+        z = jnp.asarray(h[i * 256 : (i + 1) * 256]) @ jnp.asarray(w) + jnp.asarray(bias)
+        rows.append(jax.random.categorical(key, z))
+    labels = jnp.concatenate(rows).astype(jnp.int32)
+    order = jsm.vocab_order_from_counts(jnp.asarray(q))
+    w_sorted = jnp.asarray(w)[:, order]
+    return jnp.asarray(h), w_sorted, labels, jnp.asarray(bias), order
+
+
+def random_head_inputs(n: int, d: int, v: int, seed: int = 0):
+    """Random logits of standard deviation 3 (``h ~ N(0, 1)``, ``W ~ N(0, 9/D)``, uniform
+    labels, zero bias, identity order): every tile holds probabilities far above any
+    useful threshold, so filtering can skip nothing and only its checks cost."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    h = jax.random.normal(k1, (n, d), jnp.float32)
+    w = jax.random.normal(k2, (d, v), jnp.float32) * (3.0 / np.sqrt(d))
+    y = jax.random.randint(k3, (n,), 0, v)
+    return h, w, y, jnp.zeros((v,), jnp.float32), jnp.arange(v, dtype=jnp.int32)
+
+
+def _filtered_lce(filter_eps):
+    def loss(h, w, y, b, order):
+        return jsm.linear_cross_entropy(
+            h, w, y, linear_bias=b, vocab_order=order, filter_eps=filter_eps
+        )
+
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def _naive_linear_ce_bias(h, w, y, b, order):
+    """``h @ W + b`` then optax, on the frequency-sorted weight (labels moved to it)."""
+    pos = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.shape[0]))
+    logits = h @ w + b[order]
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, pos[y]).mean()
+
+
+def _filter_case(sizes: Sizes) -> Case:
+    n, d, v = sizes.lce
+
+    def build():
+        ours = _filtered_lce(FILTER_EPS)
+        base = jax.value_and_grad(_naive_linear_ce_bias, argnums=(0, 1))
+        return ours, base, lm_head_inputs(n, d, v)
+
+    return Case(
+        "linear_cross_entropy filter_eps=2^-12 v&g (h, W)",
+        f"N={n} D={d} V={v} f32, LM-like ~3 nats, sorted",
+        "h @ W + b, then optax CE",
+        "temp <= 1/8x, time <= 0.75x",
+        build,
+        check=lambda r: r.cand_temp * 8 <= r.base_temp and r.time_ratio <= 0.75,
+    )
+
+
+def _filter_random_case(sizes: Sizes) -> Case:
+    n, d, v = sizes.lce
+
+    def build():
+        return _filtered_lce(FILTER_EPS), _filtered_lce(None), random_head_inputs(n, d, v)
+
+    return Case(
+        "linear_cross_entropy filter_eps=2^-12 v&g (h, W)",
+        f"N={n} D={d} V={v} f32, random logits (std 3)",
+        "the same with filter_eps=None",
+        "time <= 1.05x",
+        build,
+        check=lambda r: r.time_ratio <= 1.05,
+    )
+
+
 def _rl_objective(label_logprob, entropy):
     return jnp.sum(label_logprob) + 0.01 * jnp.sum(entropy)
 
@@ -315,6 +425,8 @@ def cases(sizes: Sizes) -> list[Case]:
         _linear_ce_case(sizes),
         _linear_ce_big_case(sizes),
         _linear_stats_case(sizes),
+        _filter_case(sizes),
+        _filter_random_case(sizes),
         _distill_case(sizes, "forward"),
         _distill_case(sizes, "jsd"),
     ]

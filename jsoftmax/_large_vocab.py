@@ -52,6 +52,11 @@ _IMPLS = ("auto", "xla", "pallas")
 # logits (e.g. 512 MiB at N=2048, V=65536). Three or four such tiles are live at once.
 _TILE_BYTES = 16 * 2**20
 _MIN_CHUNK = 128
+# Tokens per row block of a filtered backward tile: each (rows, chunk) block of the
+# logits gradient decides on its own whether its d_hidden/d_weight matmuls run. Smaller
+# blocks skip more on language-model logits (measured in docs/performance.md) but cost a
+# `lax.cond` and a smaller matmul each.
+_FILTER_ROWS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,9 @@ class _Config:
     need_entropy: bool = False
     need_argmax: bool = False
     top_k: int = 0
+    # Gradient filtering (backward only): threshold and rows per filtered tile.
+    filter_eps: float | None = None
+    filter_rows: int = 0
 
     @property
     def vocab_axis(self) -> int:
@@ -278,8 +286,12 @@ def _gather_over(cfg, *arrays):
     return lax.psum(tuple(out), cfg.axis_name)
 
 
-def _core_forward(cfg, h, w, b, cw, y):
-    """One sweep over the vocabulary chunks: every statistic of ``_Core`` at once."""
+def _core_forward(cfg, h, w, b, cw, y, row_max=False):
+    """One sweep over the vocabulary chunks: every statistic of ``_Core`` at once.
+
+    ``row_max=True`` also returns each row's largest logit per chunk, ``(rows, chunks)``,
+    which bounds the filtered backward's tiles before it recomputes them.
+    """
     n_rows = h.shape[0]
     v_local = w.shape[cfg.vocab_axis]
     acc = cfg.acc_dtype
@@ -287,7 +299,7 @@ def _core_forward(cfg, h, w, b, cw, y):
     y_local = None if y is None else y - offset
 
     def body(carry, start, size):
-        m, s, zy, zw, t, am, tz, ti = carry
+        m, s, zy, zw, t, am, tz, ti, rm = carry
         z = _tile_logits(
             h, _vocab_slice(w, cfg, start, size), _vocab_slice(b, cfg, start, size), cfg
         )
@@ -297,6 +309,8 @@ def _core_forward(cfg, h, w, b, cw, y):
             cw_c = _vocab_slice(cw, cfg, start, size)
             zw = zw + (jnp.sum(z, axis=1) if cw_c is None else z @ cw_c.astype(acc))
         m_c = jnp.max(z, axis=1)
+        if rm is not None:
+            rm = lax.dynamic_update_slice_in_dim(rm, m_c[:, None], start // cfg.chunk, 1)
         if am is not None:
             # Strictly greater: an equal maximum in a later chunk keeps the first index.
             first = jnp.argmax(z, axis=1).astype(jnp.int32) + (start + offset)
@@ -316,7 +330,7 @@ def _core_forward(cfg, h, w, b, cw, y):
         if t is not None:
             # e == 0 where z = -inf (d = -inf): that entry adds nothing, not 0·(-inf).
             t = t + jnp.sum(jnp.where(e > 0, e * d, 0.0), axis=1)
-        return m_new, s, zy, zw, t, am, tz, ti
+        return m_new, s, zy, zw, t, am, tz, ti, rm
 
     zeros = jnp.zeros((n_rows,), acc)
     init = (
@@ -328,9 +342,10 @@ def _core_forward(cfg, h, w, b, cw, y):
         jnp.zeros((n_rows,), jnp.int32) if cfg.need_argmax else None,
         jnp.full((n_rows, cfg.top_k), -jnp.inf, acc) if cfg.top_k else None,
         jnp.full((n_rows, cfg.top_k), _NO_INDEX, jnp.int32) if cfg.top_k else None,
+        jnp.full((n_rows, -(-v_local // cfg.chunk)), -jnp.inf, acc) if row_max else None,
     )
     init = _as_varying(init, _vma(h, w, b, cw, y_local, offset))
-    m, s, zy, zw, t, am, tz, ti = _loop(v_local, cfg.chunk, body, init)
+    m, s, zy, zw, t, am, tz, ti, rm = _loop(v_local, cfg.chunk, body, init)
     if cfg.axis_name is not None:
         m_local = m
     m, s, zy, zw, t = _global_stats(cfg, m, s, zy, zw, t)
@@ -346,7 +361,8 @@ def _core_forward(cfg, h, w, b, cw, y):
     if t is not None:
         # H = lse - Σ p u = log s - t/s: both terms >= 0 (t <= 0), so no cancellation.
         ent = jnp.where(s > 0, num.safe_log(s) - t / jnp.where(s > 0, s, 1.0), 0.0)
-    return _Core(lse, None if y is None else zy, zw if cfg.need_zw else None, ent, am, tz, ti)
+    core = _Core(lse, None if y is None else zy, zw if cfg.need_zw else None, ent, am, tz, ti)
+    return (core, rm) if row_max else core
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -355,8 +371,11 @@ def _stats(cfg, h, w, b, cw, y):
 
 
 def _stats_fwd(cfg, h, w, b, cw, y):
-    out = _core_forward(cfg, h, w, b, cw, y)
-    return out, (h, w, b, cw, y, out.lse, out.entropy, out.top_i)
+    if _bounded_filter(cfg, cw):
+        out, row_max = _core_forward(cfg, h, w, b, cw, y, row_max=True)
+    else:
+        out, row_max = _core_forward(cfg, h, w, b, cw, y), None
+    return out, (h, w, b, cw, y, out.lse, out.entropy, out.top_i, row_max)
 
 
 def _stats_bwd(cfg, res, cts):
@@ -365,7 +384,7 @@ def _stats_bwd(cfg, res, cts):
     With ``p = softmax(u)``, ``u = z/T``: ``∂lse/∂u = p``, ``∂H/∂u = -p (u - lse + H)``,
     ``∂z_y/∂z = onehot(y)``, ``∂(Σ w z)/∂z = w``, ``∂top_z/∂z = onehot(top_i)``.
     """
-    h, w, b, cw, y, lse, ent, top_i = res
+    h, w, b, cw, y, lse, ent, top_i, row_max = res
     v_local = w.shape[cfg.vocab_axis]
     acc = cfg.acc_dtype
     offset = _shard_offset(cfg, v_local)
@@ -376,29 +395,33 @@ def _stats_bwd(cfg, res, cts):
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     mean_u = None if ent is None else lse_safe - ent  # Σ p u
 
+    def tile(rs, start, size, w_c, b_c, cw_c):
+        """Logits ``z`` and gradient ``dz`` (w.r.t. the uncapped logits) of rows ``rs``."""
+        z = _tile_logits(h[rs], w_c, b_c, cfg)
+        u = _scaled(z, cfg)
+        p = jnp.exp(u - lse_safe[rs, None])
+        coef = g_lse[rs, None]
+        if ent is not None:
+            coef = coef - cts.entropy[rs, None] * jnp.where(p > 0, u - mean_u[rs, None], 0.0)
+        dz = _scaled(p * coef, cfg)
+        if y is not None:
+            dz = dz + jnp.where(_label_hits(y_local[rs], start, size), cts.zy[rs, None], 0.0)
+        if cfg.need_zw:
+            g_zw = cts.zw[rs]
+            dz = dz + (g_zw[:, None] if cw_c is None else g_zw[:, None] * cw_c.astype(acc))
+        if top_local is not None:
+            cols = start + lax.broadcasted_iota(jnp.int32, (1, size, 1), 1)
+            hits = cols == top_local[rs, None, :]
+            dz = dz + jnp.sum(jnp.where(hits, cts.top_z[rs, None, :], 0.0), axis=2)
+        return z, _softcap_chain(dz, z, cfg)
+
     def body(carry, start, size):
         dh, dw, db, dcw = carry
         w_c = _vocab_slice(w, cfg, start, size)
-        z = _tile_logits(h, w_c, _vocab_slice(b, cfg, start, size), cfg)
-        u = _scaled(z, cfg)
-        p = jnp.exp(u - lse_safe[:, None])
-        coef = g_lse[:, None]
-        if ent is not None:
-            coef = coef - cts.entropy[:, None] * jnp.where(p > 0, u - mean_u[:, None], 0.0)
-        dz = _scaled(p * coef, cfg)
-        if y is not None:
-            dz = dz + jnp.where(_label_hits(y_local, start, size), cts.zy[:, None], 0.0)
-        if cfg.need_zw:
-            cw_c = _vocab_slice(cw, cfg, start, size)
-            g_zw = cts.zw
-            dz = dz + (g_zw[:, None] if cw_c is None else g_zw[:, None] * cw_c.astype(acc))
-            if dcw is not None:
-                dcw = lax.dynamic_update_slice_in_dim(dcw, (g_zw @ z).astype(dcw.dtype), start, 0)
-        if top_local is not None:
-            cols = start + lax.broadcasted_iota(jnp.int32, (1, size, 1), 1)
-            hits = cols == top_local[:, None, :]
-            dz = dz + jnp.sum(jnp.where(hits, cts.top_z[:, None, :], 0.0), axis=2)
-        dz = _softcap_chain(dz, z, cfg)
+        cw_c = _vocab_slice(cw, cfg, start, size) if cfg.need_zw else None
+        z, dz = tile(slice(None), start, size, w_c, _vocab_slice(b, cfg, start, size), cw_c)
+        if dcw is not None and cfg.need_zw:
+            dcw = lax.dynamic_update_slice_in_dim(dcw, (cts.zw @ z).astype(dcw.dtype), start, 0)
         dz_c = dz.astype(cfg.compute_dtype)
         dh = dh + _hidden_grad(dz_c, w_c, cfg)
         dw_c = _weight_grad(h, dz_c, cfg).astype(dw.dtype)
@@ -414,14 +437,218 @@ def _stats_bwd(cfg, res, cts):
         None if cw is None else jnp.zeros(cw.shape, cw.dtype),
     )
     float_cts = [c for c in (cts.lse, cts.zy, cts.zw, cts.entropy, cts.top_z) if c is not None]
-    init = _as_varying(init, _vma(h, w, b, cw, y_local, lse, ent, top_local, *float_cts))
-    dh, dw, db, dcw = _loop(v_local, cfg.chunk, body, init)
+    vma = _vma(h, w, b, cw, y_local, lse, ent, top_local, row_max, *float_cts)
+    init = _as_varying(init, vma)
+    if cfg.filter_eps is None:
+        dh, dw, db, dcw = _loop(v_local, cfg.chunk, body, init)
+    else:
+        flt = _Filter(
+            unit=_filter_unit(cfg, cts, cw, v_local), y_local=y_local, top_local=top_local,
+            g_top=cts.top_z, row_max=row_max, lse=lse_safe, g_lse=g_lse,
+            g_zw=cts.zw if cfg.need_zw else None, vma=vma,
+        )  # fmt: skip
+        dh, dw, db, dcw = _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init)
     dh = _sum_over_copies(dh, h).astype(h.dtype)
     dw, db, dcw = (_sum_over_copies(c, p) for c, p in ((dw, w), (db, b), (dcw, cw)))
     return dh, dw, db, dcw, None
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+# ------------------------------------------------------------------ gradient filtering
+
+
+def _bounded_filter(cfg, cw):
+    """Whether a tile's gradient can be bounded before recomputing it (see ``_pre_skip``).
+
+    For the loss's statistics (``lse``, ``z_y``, ``Σ_c z_c``) every element is at most
+    ``|g_lse| p + |g_zw|`` off the label column, and ``p <= exp(max_c z - lse)``: the
+    forward's per-row chunk maxima bound it. Not for the entropy and top-k (other
+    factors) nor for class-weighted smoothing, whose ``weight`` gradient ``Σ_i g_zw z``
+    needs every logit.
+    """
+    return (
+        cfg.filter_eps is not None
+        and not cfg.need_entropy
+        and cfg.top_k == 0
+        and cfg.temperature == 1.0
+        and not (cfg.need_zw and cw is not None)
+    )
+
+
+class _Filter(NamedTuple):
+    """Per-token arrays the filtered backward needs (``None`` where not used)."""
+
+    unit: jax.Array  # T_i, see _filter_unit
+    y_local: jax.Array | None
+    top_local: jax.Array | None
+    g_top: jax.Array | None
+    row_max: jax.Array | None  # (rows, chunks) forward maxima, for _pre_skip
+    lse: jax.Array
+    g_lse: jax.Array
+    g_zw: jax.Array | None
+    vma: frozenset
+
+
+def _filter_unit(cfg, cts, cw, v_local):
+    """Per-token gradient scale ``T_i`` against which ``filter_eps`` is measured.
+
+    ``T_i`` is the mass of the token's target terms: ``|g_zy| + |g_zw|·Σ_c |w_c|`` (the
+    label's and label smoothing's cotangents; for a cross-entropy token, its weight
+    ``sample_weight_i·w_{y_i}`` times the reduction's factor) plus the entropy's and the
+    top-k's cotangents; the cotangent of ``lse`` when nothing else reaches the token.
+    So ``dz / T`` is Cut Cross-Entropy's ``p(1 + 2λ lse) - target`` for a cross-entropy
+    token. ``T = 0`` marks a token without gradient (ignored, or zero cotangent).
+    """
+    acc = cfg.acc_dtype
+    unit = jnp.zeros(cts.lse.shape, acc)
+    if cts.zy is not None:
+        unit = unit + jnp.abs(cts.zy)
+    if cfg.need_zw:
+        w_abs = jnp.asarray(v_local, acc) if cw is None else jnp.sum(jnp.abs(cw.astype(acc)))
+        if cfg.axis_name is not None:
+            w_abs = lax.psum(w_abs, cfg.axis_name)
+        unit = unit + jnp.abs(cts.zw) * w_abs
+    if cts.entropy is not None:
+        unit = unit + jnp.abs(cts.entropy)
+    if cts.top_z is not None:
+        unit = unit + jnp.sum(jnp.abs(cts.top_z), axis=1)
+    return jnp.where(unit > 0, unit, jnp.abs(cts.lse))
+
+
+def _must_keep(flt, rs, start, size):
+    """Rows ``rs`` whose label (or differentiated top-k index) lies in the chunk."""
+    active = flt.unit[rs] != 0
+    keep = jnp.zeros(active.shape, bool)
+    if flt.y_local is not None:
+        y = flt.y_local[rs]
+        keep = active & (y >= start) & (y < start + size)
+    if flt.top_local is not None:
+        t = flt.top_local[rs]
+        keep = keep | jnp.any((t >= start) & (t < start + size) & (flt.g_top[rs] != 0), axis=1)
+    return keep
+
+
+def _skippable(dz, flt, rs, start, size, cfg):
+    """Whether a ``(rows, chunk)`` tile's ``d_hidden``/``d_weight`` matmuls may be skipped.
+
+    Only when every element of its logits gradient ``dz`` (the one actually applied:
+    class/sample weights, z-loss and soft-cap factors included) is ``< filter_eps·T_i``
+    on its active tokens (``T_i != 0``), none of them has its label (or a differentiated
+    top-k index) in the chunk, and none is poisoned: a NaN ``dz`` or ``T`` fails ``<``.
+    """
+    unit = flt.unit[rs]
+    small = jnp.all(jnp.abs(dz) < cfg.filter_eps * unit[:, None], axis=1) | (unit == 0)
+    return jnp.all(small & ~_must_keep(flt, rs, start, size))
+
+
+def _pre_skip(flt, rs, start, size, cfg):
+    """``_skippable`` decided from the forward's chunk maxima, before any recomputation.
+
+    ``|dz_ic| <= |g_lse,i|·exp(max_c z_ic - lse_i) + |g_zw,i|`` off the label column (the
+    soft-cap factor is at most 1), so a tile where that bound is ``< filter_eps·T_i`` for
+    every active token (and no label lies in it) needs neither its logits nor its
+    matmuls; equal to the exact test up to the smoothing term and rounding.
+    """
+    unit = flt.unit[rs]
+    p_max = jnp.exp(flt.row_max[rs, start // cfg.chunk] - flt.lse[rs])
+    bound = jnp.abs(flt.g_lse[rs]) * p_max
+    if flt.g_zw is not None:
+        bound = bound + jnp.abs(flt.g_zw[rs])
+    small = (bound < cfg.filter_eps * unit) | (unit == 0)
+    return jnp.all(small & ~_must_keep(flt, rs, start, size))
+
+
+def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
+    """The backward sweep with gradient filtering, ``(rows, chunk)`` tile by tile.
+
+    Each tile recomputes its logits and gradient, adds the cheap bias / class-weight
+    gradient sums, and runs its two matmuls under a ``lax.cond`` on ``_skippable``.
+    Where ``_bounded_filter`` holds, ``_pre_skip`` is decided first for every tile of a
+    chunk: a chunk with no skippable tile takes one chunk-wide step (as without
+    filtering: no per-tile overhead where filtering cannot help), otherwise each tile
+    sits under a ``lax.cond`` on it, so a skipped tile costs no recomputation either.
+    """
+    n = h.shape[0]
+    acc = cfg.acc_dtype
+    blocks = [slice(r, min(r + cfg.filter_rows, n)) for r in range(0, n, cfg.filter_rows)]
+    bounded = flt.row_max is not None
+
+    def body(carry, start, size):
+        dh_blocks, dw, db, dcw = carry
+        w_c = _vocab_slice(w, cfg, start, size)
+        b_c = _vocab_slice(b, cfg, start, size)
+        cw_c = _vocab_slice(cw, cfg, start, size) if cfg.need_zw else None
+        d_shape = (h.shape[1], size) if cfg.layout == "dv" else (size, h.shape[1])
+        sums = (
+            jnp.zeros(d_shape, acc),
+            None if db is None else jnp.zeros((size,), acc),
+            None if dcw is None or not cfg.need_zw else jnp.zeros((size,), acc),
+        )
+        state = (dh_blocks, *_as_varying(sums, flt.vma))
+
+        def sums_of(z, dz, rs, db_c, dcw_c):
+            db_c = None if db_c is None else db_c + jnp.sum(dz, 0)
+            dcw_c = None if dcw_c is None else dcw_c + cts.zw[rs] @ z
+            return db_c, dcw_c
+
+        def whole(dh_blocks, dw_c, db_c, dcw_c):
+            # Every tile kept: one chunk-wide step, as without filtering.
+            z, dz = tile(slice(None), start, size, w_c, b_c, cw_c)
+            dz_c = dz.astype(cfg.compute_dtype)
+            dh = _hidden_grad(dz_c, w_c, cfg)
+            dh_blocks = tuple(dh_b + dh[rs] for rs, dh_b in zip(blocks, dh_blocks, strict=True))
+            return (
+                dh_blocks,
+                dw_c + _weight_grad(h, dz_c, cfg),
+                *sums_of(z, dz, slice(None), db_c, dcw_c),
+            )
+
+        def tiled(dh_blocks, dw_c, db_c, dcw_c, pre=None):
+            out = []
+            for k, (rs, dh_b) in enumerate(zip(blocks, dh_blocks, strict=True)):
+
+                def matmuls(dh_b, dw_c, dz_c, rs=rs):
+                    dh_b = dh_b + _hidden_grad(dz_c, w_c, cfg)
+                    return dh_b, dw_c + _weight_grad(h[rs], dz_c, cfg)
+
+                def work(dh_b, dw_c, db_c, dcw_c, rs=rs, matmuls=matmuls):
+                    z, dz = tile(rs, start, size, w_c, b_c, cw_c)
+                    db_c, dcw_c = sums_of(z, dz, rs, db_c, dcw_c)
+                    skip = _skippable(dz, flt, rs, start, size, cfg)
+                    dz_c = dz.astype(cfg.compute_dtype)
+                    keep = lambda a, b, _: (a, b)  # noqa: E731
+                    dh_b, dw_c = lax.cond(skip, keep, matmuls, dh_b, dw_c, dz_c)
+                    return dh_b, dw_c, db_c, dcw_c
+
+                tile_state = (dh_b, dw_c, db_c, dcw_c)
+                if pre is None:
+                    tile_state = work(*tile_state)
+                else:
+                    tile_state = lax.cond(pre[k], lambda *a: a, work, *tile_state)
+                dh_b, dw_c, db_c, dcw_c = tile_state
+                out.append(dh_b)
+            return tuple(out), dw_c, db_c, dcw_c
+
+        if bounded:
+            pre = [_pre_skip(flt, rs, start, size, cfg) for rs in blocks]
+            any_skip = functools.reduce(jnp.logical_or, pre)
+            state = lax.cond(any_skip, functools.partial(tiled, pre=pre), whole, *state)
+        else:
+            state = tiled(*state)
+        dh_blocks, dw_c, db_c, dcw_c = state
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, cfg.vocab_axis)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), start, 0)
+        if dcw_c is not None:
+            dcw = lax.dynamic_update_slice_in_dim(dcw, dcw_c.astype(dcw.dtype), start, 0)
+        return dh_blocks, dw, db, dcw
+
+    dh, dw, db, dcw = init
+    carry = (tuple(dh[rs] for rs in blocks), dw, db, dcw)
+    dh_blocks, dw, db, dcw = _loop(w.shape[cfg.vocab_axis], cfg.chunk, body, carry)
+    return jnp.concatenate(dh_blocks, axis=0), dw, db, dcw
 
 
 # ------------------------------------------------------------------- public function
@@ -490,8 +717,12 @@ class SoftmaxStats(NamedTuple):
     topk_indices: jax.Array | None
 
 
-def _finish_stats(core, cfg, inp):
-    """The public :class:`SoftmaxStats` from the core's raw per-token outputs."""
+def _finish_stats(core, cfg, inp, order=None):
+    """The public :class:`SoftmaxStats` from the core's raw per-token outputs.
+
+    With a vocabulary ``order`` the core's indices are positions in the permuted
+    vocabulary (as are the labels ``inp.y``); the returned indices are the caller's ids.
+    """
     lse = core.lse
     label_logprob = correct = None
     if inp.y is not None:
@@ -510,11 +741,96 @@ def _finish_stats(core, cfg, inp):
     def token(x, extra=()):
         return None if x is None else x.reshape(shape + extra)
 
+    argmax, top_i = core.argmax, core.top_i
+    if order is not None:
+        argmax = order[argmax]
+        if top_i is not None:
+            top_i = order[top_i]
     k = (cfg.top_k,)
     return SoftmaxStats(
-        token(lse), token(label_logprob), token(core.entropy), token(core.argmax),
-        token(correct), token(topk_logprobs, k), token(core.top_i, k),
+        token(lse), token(label_logprob), token(core.entropy), token(argmax),
+        token(correct), token(topk_logprobs, k), token(top_i, k),
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------ vocabulary order
+
+
+def _filter_option(filter_eps):
+    """``filter_eps`` checked now (a clear error at the call), resolved per dtype later."""
+    check.filter_eps(filter_eps, jnp.float32)
+    return filter_eps
+
+
+def _reorder(order, labels, bias, weight, linear_weight, layout, axis_name, ignore_index):
+    """Caller-id inputs moved to the positions of a permuted vocabulary.
+
+    ``linear_weight`` is stored permuted (column ``j`` holds the caller's class
+    ``order[j]``); labels become positions ``inv[y]``, and the per-class vectors (bias,
+    class weights; given in caller ids) are gathered as ``vec[order]`` -- ``O(V)`` work,
+    whose gradient scatters back to caller ids. Under ``axis_name`` each shard keeps its
+    slice of the gathered vectors. An ``order`` that is not a permutation of ``[0, V)``
+    poisons every non-ignored token like an out-of-range label (no host sync).
+    """
+    v_local = linear_weight.shape[1 if layout == "dv" else 0]
+    n_shards = 1 if axis_name is None else lax.psum(1, axis_name)
+    n_vocab = v_local * n_shards
+    order = check.vocab_order(order, n_vocab)
+    if 0 <= ignore_index < n_vocab:
+        raise ValueError(
+            f"`vocab_order` needs an `ignore_index` outside [0, {n_vocab}) (got "
+            f"{ignore_index}): a permuted label could collide with it."
+        )
+    inv = (
+        jnp.full((n_vocab,), -1, jnp.int32)
+        .at[order]
+        .set(jnp.arange(n_vocab, dtype=jnp.int32), mode="drop")
+    )
+    is_perm = jnp.all(inv >= 0)
+    if labels is not None:
+        y = check.widen_labels(jnp.asarray(labels))
+        real = (y != ignore_index) & (y >= 0) & (y < n_vocab)
+        pos = jnp.where(real, inv[jnp.clip(y, 0, n_vocab - 1)].astype(y.dtype), y)
+        # n_vocab is out of range: the bad-label path poisons value and gradient.
+        labels = jnp.where(is_perm | (y == ignore_index), pos, n_vocab).astype(y.dtype)
+
+    def gather(vec, name, local):
+        if vec is None:
+            return None
+        vec = check.class_vector(vec, n_vocab, name)[order]
+        if local and n_shards > 1:
+            vec = lax.dynamic_slice_in_dim(vec, lax.axis_index(axis_name) * v_local, v_local)
+        return vec
+
+    # Class weights may stay whole under axis_name (the loss slices them itself).
+    return order, labels, gather(bias, "linear_bias", True), gather(weight, "weight", False)
+
+
+def vocab_order_from_counts(counts: ArrayLike) -> jax.Array:
+    r"""A vocabulary order by decreasing frequency, for ``vocab_order=``.
+
+    ``order = argsort(-counts)`` (stable: equal counts keep increasing ids), so that
+    ``order[j]`` is the id of the ``j``-th most frequent class. Store the projection
+    permuted once with it -- ``linear_weight[:, order]`` for a ``(D, V)`` weight,
+    ``linear_weight[order]`` for ``(V, D)`` -- and train that array: rare classes then
+    sit together in whole vocabulary chunks, which gradient filtering can skip.
+
+    Args:
+      counts: ``(V,)`` non-negative class (token) counts or frequencies.
+
+    Returns:
+      ``(V,)`` int32 permutation of ``[0, V)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax as jsm
+      >>> jsm.vocab_order_from_counts(jnp.array([5, 40, 0, 40, 7])).tolist()
+      [1, 3, 4, 0, 2]
+    """
+    counts = check.float_array(jnp.asarray(counts, dtype=jnp.result_type(float)), "counts")
+    if counts.ndim != 1:
+        raise ValueError(f"`counts` must be 1-D (one entry per class), got shape {counts.shape}.")
+    return jnp.argsort(-counts, stable=True).astype(jnp.int32)
 
 
 def linear_softmax_stats(
@@ -530,6 +846,8 @@ def linear_softmax_stats(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     axis_name: Any = None,
+    filter_eps: float | str | None = None,
+    vocab_order: ArrayLike | None = None,
 ) -> SoftmaxStats:
     r"""Per-token softmax statistics of a linear layer, without materialising the logits.
 
@@ -584,6 +902,12 @@ def linear_softmax_stats(
         are sharded along the vocabulary, inside ``jax.shard_map``: the statistics are
         over the whole vocabulary (global arg-max and top-k, entropy from the shards'
         sums); labels and indices are global.
+      filter_eps: gradient filtering of the backward pass, as in
+        :func:`jsoftmax.linear_cross_entropy`; here ``T_i`` sums the magnitudes of the
+        cotangents of the token's ``label_logprob``, ``entropy`` and ``topk_logprobs``.
+      vocab_order: a permuted ``linear_weight``'s order, as in
+        :func:`jsoftmax.linear_cross_entropy`; ``argmax`` and ``topk_indices`` are
+        returned in the caller's ids.
 
     Returns:
       A :class:`jsoftmax.SoftmaxStats` of per-token arrays.
@@ -622,8 +946,10 @@ def linear_softmax_stats(
         top_k=check.static_int(top_k, "top_k", minimum=0),
         chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
         axis_name=_axis(axis_name),
+        filter_eps=_filter_option(filter_eps),
+        filter_rows=_FILTER_ROWS,
     )
-    return _linear_softmax_stats(statics, hidden, linear_weight, labels, linear_bias)
+    return _linear_softmax_stats(statics, hidden, linear_weight, labels, linear_bias, vocab_order)
 
 
 class _StatsStatics(NamedTuple):
@@ -634,10 +960,18 @@ class _StatsStatics(NamedTuple):
     top_k: int
     chunk_size: int | None
     axis_name: Any
+    filter_eps: float | str | None = None
+    filter_rows: int = 0
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias):
+def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias, vocab_order):
+    order = None
+    if vocab_order is not None:
+        order, labels, linear_bias, _ = _reorder(
+            vocab_order, labels, linear_bias, None, linear_weight, st.layout, st.axis_name,
+            st.ignore_index,
+        )  # fmt: skip
     inp = _check_inputs(
         "linear_softmax_stats", hidden, linear_weight, labels, linear_bias, st.layout,
         st.axis_name, st.ignore_index,
@@ -647,10 +981,11 @@ def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias):
     cfg = _make_config(
         inp, st.layout, st.chunk_size, st.softcap, st.axis_name, need_zw=False,
         temperature=st.temperature, need_entropy=True, need_argmax=True, top_k=st.top_k,
+        filter_eps=st.filter_eps, filter_rows=st.filter_rows,
     )  # fmt: skip
     h2 = inp.h2.astype(cfg.compute_dtype)
     core = _stats(cfg, h2, inp.linear_weight, inp.linear_bias, None, inp.y)
-    return _finish_stats(core, cfg, inp)
+    return _finish_stats(core, cfg, inp, order)
 
 
 def linear_cross_entropy(
@@ -674,6 +1009,8 @@ def linear_cross_entropy(
     return_lse: bool = False,
     return_stats: bool = False,
     top_k: int = 0,
+    filter_eps: float | str | None = None,
+    vocab_order: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, SoftmaxStats]:
     r"""Cross-entropy of a linear layer's logits, without materialising the logits.
 
@@ -743,6 +1080,22 @@ def linear_cross_entropy(
         the same backward sweep. Not together with ``return_lse`` (``stats.lse`` is it).
       top_k: with ``return_stats``, also the ``top_k`` largest log-probabilities per
         token and their indices (a small Python int; 0 for none).
+      filter_eps: gradient filtering (Cut Cross-Entropy's): ``None`` (exact, the
+        default), a Python float ``>= 0``, or ``"auto"`` (the compute dtype's epsilon /
+        32: ``2**-12`` for bfloat16, ``2**-28`` for float32). The backward pass skips
+        the ``d_hidden``/``d_weight`` matmuls of a ``(128 tokens, chunk)`` tile when
+        every element of its logits gradient is below ``filter_eps·T_i`` for each
+        token ``i`` (``T_i`` the token's weight in the loss), unless a token's label
+        lies in the tile. The loss value never changes; the error bound is in the
+        large-vocabulary guide. On ``impl="pallas"`` the kernel's own tiles filter.
+      vocab_order: optional ``(V,)`` integer permutation: ``linear_weight`` is stored
+        permuted, its column (``"dv"``; row for ``"vd"``) ``j`` being the caller's
+        class ``vocab_order[j]`` (e.g. :func:`jsoftmax.vocab_order_from_counts`, so that
+        rare classes share chunks that filtering skips). ``labels``, ``weight``,
+        ``linear_bias`` and the returned indices stay in the caller's ids; the
+        ``linear_weight`` gradient comes back in the stored (permuted) layout. Under
+        ``axis_name``, ``linear_bias`` and ``weight`` must then be whole ``(V,)``
+        vectors. An order that is not a permutation makes the loss NaN.
 
     Returns:
       The loss (float32 for half-precision inputs, float64 for float64): a scalar,
@@ -762,6 +1115,11 @@ def linear_cross_entropy(
       >>> per_token = jsm.linear_cross_entropy(h, w, y, reduction="none")
       >>> [round(v, 4) for v in per_token.tolist()]
       [0.1429, 0.2413]
+      >>> order = jnp.array([2, 0, 1])  # the weight stored permuted; labels unchanged
+      >>> loss = jsm.linear_cross_entropy(
+      ...     h, w[:, order], y, vocab_order=order, filter_eps=2.0**-12)
+      >>> round(float(loss), 4)
+      0.1921
 
     References:
       Wijmans et al. 2025, "Cut Your Losses in Large-Vocabulary Language Models",
@@ -804,13 +1162,16 @@ def linear_cross_entropy(
         return_lse=bool(return_lse),
         return_stats=bool(return_stats),
         top_k=top_k,
+        filter_eps=_filter_option(filter_eps),
+        filter_rows=_FILTER_ROWS,
     )
     normalizer = check.normalizer(normalizer, reduction)
     # Jitted so that eager calls compile the chunk loops once instead of dispatching
     # them op by op; inside an outer jit or shard_map this is inlined.
     return _linear_cross_entropy(
-        statics, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
-    )
+        statics, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer,
+        vocab_order,
+    )  # fmt: skip
 
 
 class _Statics(NamedTuple):
@@ -828,6 +1189,8 @@ class _Statics(NamedTuple):
     return_lse: bool
     return_stats: bool = False
     top_k: int = 0
+    filter_eps: float | str | None = None
+    filter_rows: int = 0
 
 
 def _axis(axis_name):
@@ -909,10 +1272,15 @@ def _check_inputs(fn, hidden, linear_weight, labels, linear_bias, layout, axis_n
     )
 
 
-def _make_config(inp, layout, chunk_size, softcap, axis_name, **stats):
+def _make_config(
+    inp, layout, chunk_size, softcap, axis_name, filter_eps=None, filter_rows=0, **stats
+):
     n_rows = inp.h2.shape[0]
+    eps = check.filter_eps(filter_eps, inp.compute)
     chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, inp.v_local)
     return _Config(
+        filter_eps=eps,
+        filter_rows=max(1, min(filter_rows, n_rows) if filter_rows else n_rows),
         layout=layout,
         chunk=min(int(chunk), inp.v_local),
         softcap=softcap,
@@ -925,10 +1293,17 @@ def _make_config(inp, layout, chunk_size, softcap, axis_name, **stats):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_cross_entropy(
-    st, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer
-):
+    st, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer,
+    vocab_order=None,
+):  # fmt: skip
     (weight_layout, ignore_index, eps, lam, softcap, reduction, chunk_size, impl, axis_name,
-     return_lse, return_stats, top_k) = st  # fmt: skip
+     return_lse, return_stats, top_k, filter_eps, filter_rows) = st  # fmt: skip
+    order = None
+    if vocab_order is not None:
+        order, labels, linear_bias, weight = _reorder(
+            vocab_order, labels, linear_bias, weight, linear_weight, weight_layout, axis_name,
+            ignore_index,
+        )  # fmt: skip
     inp = _check_inputs(
         "linear_cross_entropy", hidden, linear_weight, labels, linear_bias, weight_layout,
         axis_name, ignore_index,
@@ -950,18 +1325,20 @@ def _linear_cross_entropy(
             return _pallas_route(
                 h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape,
                 weight_layout, ignore_index, eps, lam, softcap, reduction, normalizer,
-                chunk_size, acc,
+                chunk_size, acc, filter_eps,
             )  # fmt: skip
 
         if impl == "pallas":
             return pallas()
         args = (hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer)
+        # `args` are already in the permuted vocabulary: no second reordering.
         xla = lambda: _linear_cross_entropy(st._replace(impl="xla"), *args)
         return _impl.run_auto("linear_cross_entropy", pallas=pallas, xla=xla)
 
     cfg = _make_config(
         inp, weight_layout, chunk_size, softcap, axis_name, need_zw=eps > 0,
         need_entropy=return_stats, need_argmax=return_stats, top_k=top_k,
+        filter_eps=filter_eps, filter_rows=filter_rows,
     )  # fmt: skip
     h2 = h2.astype(cfg.compute_dtype)
 
@@ -996,11 +1373,11 @@ def _linear_cross_entropy(
     if reduction == "none":
         loss = per_token.reshape(batch_shape)
     else:
-        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer)
+        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer, bad)
     if return_lse:
         return loss, lse_out.reshape(batch_shape)
     if return_stats:
-        return loss, _finish_stats(core, cfg, inp)
+        return loss, _finish_stats(core, cfg, inp, order)
     return loss
 
 
@@ -1029,16 +1406,20 @@ def _poison_if_used_bwd(bad, ct):
 _poison_if_used.defvjp(_poison_if_used_fwd, _poison_if_used_bwd)
 
 
-def _reduce(total, base, w_y, reduction, normalizer):
+def _reduce(total, base, w_y, reduction, normalizer, bad):
     if reduction == "sum":
         return total
-    den = None if normalizer is not None else jnp.sum(base if w_y is None else base * w_y)
+    den = None
+    if normalizer is None:
+        den = jnp.sum(base if w_y is None else base * w_y)
+        # A batch of nothing but bad labels is NaN, not the empty batch's 0.
+        den = jnp.where((den == 0) & jnp.any(bad), jnp.nan, den)
     return num.mean_of(total, den, normalizer)
 
 
 def _pallas_route(
     h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, layout,
-    ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc,
+    ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc, filter_eps=None,
 ):  # fmt: skip
     """The loss from ``jsoftmax.kernels``; class/sample weights and the reduction here.
 
@@ -1055,7 +1436,7 @@ def _pallas_route(
 
     kw = dict(
         linear_bias=linear_bias, weight_layout=layout, ignore_index=ignore_index,
-        label_smoothing=eps, z_loss=lam, logit_softcap=softcap,
+        label_smoothing=eps, z_loss=lam, logit_softcap=softcap, filter_eps=filter_eps,
     )  # fmt: skip
     base = keep.astype(acc) if sw is None else jnp.where(keep, sw, 0.0)
     w_y = None

@@ -117,6 +117,23 @@ def ignore_index(value: Any) -> int:
     return int(value)
 
 
+def filter_eps(value: Any, compute_dtype: Any) -> float | None:
+    """The static gradient-filtering threshold: ``None`` (exact), a float ``>= 0``, or
+    ``"auto"`` -- the compute dtype's machine epsilon / 32 (``2**-12`` for bfloat16,
+    ``2**-28`` for float32), Cut Cross-Entropy's default."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"`filter_eps` must be None, a float >= 0 or 'auto', got {value!r}.")
+        return float(jnp.finfo(compute_dtype).eps) / 32.0
+    if not is_static_number(value):
+        raise TypeError(
+            f"`filter_eps` must be None, a Python float or 'auto' (it is static), got {value!r}."
+        )
+    return static_number(value, "filter_eps", lo=0.0)
+
+
 def temperature(value: ArrayLike, name: str = "temperature") -> jax.Array | float | None:
     """A positive scalar temperature: ``None`` for the static default 1.0.
 
@@ -321,6 +338,19 @@ def integer_labels(
             "(the logits' shape without the class axis)."
         )
     return labels
+
+
+def vocab_order(order: ArrayLike, n_vocab: int) -> jax.Array:
+    """A ``(V,)`` integer permutation array (its values are checked at run time)."""
+    order = jnp.asarray(order)
+    if not jnp.issubdtype(order.dtype, jnp.integer):
+        raise TypeError(f"`vocab_order` must be integers, got dtype {order.dtype}.")
+    if order.shape != (n_vocab,):
+        raise ValueError(
+            f"`vocab_order` must have shape ({n_vocab},) (a permutation of the vocabulary), "
+            f"got {order.shape}."
+        )
+    return order.astype(jnp.int32)
 
 
 def widen_labels(labels: jax.Array) -> jax.Array:

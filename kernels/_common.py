@@ -533,27 +533,8 @@ def softcap_grad(dz: jax.Array, capped: jax.Array, cap: float | None) -> jax.Arr
 
 
 def filter_eps_value(filter_eps: Any, compute_dtype: Any) -> float | None:
-    """The static gradient-filtering threshold: ``None`` (exact), a float ``>= 0``, or
-    ``"auto"`` -- the compute dtype's machine epsilon / 32 (``2**-12`` for bfloat16)."""
-    if filter_eps is None:
-        return None
-    if isinstance(filter_eps, str):
-        if filter_eps != "auto":
-            raise ValueError(
-                f"`filter_eps` must be None, a float >= 0 or 'auto', got {filter_eps!r}."
-            )
-        return float(jnp.finfo(compute_dtype).eps) / 32.0
-    if isinstance(filter_eps, (bool, np.bool_)) or not isinstance(
-        filter_eps, (int, float, np.number)
-    ):
-        raise TypeError(
-            "`filter_eps` must be None, a Python float or 'auto' (it is static), "
-            f"got {filter_eps!r}."
-        )
-    value = float(filter_eps)
-    if not (np.isfinite(value) and value >= 0.0):
-        raise ValueError(f"`filter_eps` must be a finite float >= 0, got {filter_eps}.")
-    return value
+    """The static gradient-filtering threshold (:func:`jsoftmax._validate.filter_eps`)."""
+    return check.filter_eps(filter_eps, compute_dtype)
 
 
 def filter_keep(

@@ -196,9 +196,12 @@ def test_bench_tiny_json(tmp_path):
         "linear_cross_entropy",
         "linear_cross_entropy",
         "linear_softmax_stats",
+        "linear_cross_entropy",  # filter_eps on an LM-like head, against the naive path
+        "linear_cross_entropy",  # filter_eps on random logits, against filter_eps=None
         "linear_kl_divergence",
         "linear_jsd",
     ]
+    assert "LM-like" in rows[6]["shape"] and "random" in rows[7]["shape"]
     for r in rows:
         assert r["available"], f"{r['name']} is not available"
         assert r["cand_temp"] >= 0 and r["base_temp"] >= 0
