@@ -474,7 +474,8 @@ def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
         per_token = jnp.where(stu.bad, jnp.nan, jnp.where(stu.keep, div, 0.0))
     if st.reduction == "none":
         return per_token.reshape(stu.batch_shape)
-    return lv._reduce(jnp.sum(per_token), base, None, st.reduction, normalizer)
+    bad = False if stu.keep is None else stu.bad
+    return lv._reduce(jnp.sum(per_token), base, None, st.reduction, normalizer, bad)
 
 
 def linear_kl_divergence(
@@ -740,7 +741,7 @@ def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, n
     per_token = jnp.where(bad, jnp.nan, jnp.where(keep, div, 0.0))
     if st.reduction == "none":
         return per_token.reshape(stu.batch_shape)
-    return lv._reduce(jnp.sum(per_token), keep.astype(acc), None, st.reduction, normalizer)
+    return lv._reduce(jnp.sum(per_token), keep.astype(acc), None, st.reduction, normalizer, bad)
 
 
 def linear_topk_kl_divergence(
