@@ -410,6 +410,11 @@ def test_bad_label_poisons_its_token(rng):
     assert np.isnan(g).any()
     with pytest.raises(Exception, match="label"):
         jsm.checked(jsm.linear_kl_divergence)(hs, ws, ht, wt, labels)
+    # Only bad labels and ignored ones: the mean is NaN, not the empty batch's 0.
+    labels = np.full(hs.shape[0], -100)
+    labels[1] = 45
+    for fn in (jsm.linear_kl_divergence, jsm.linear_jsd):
+        assert np.isnan(fn(hs, ws, ht, wt, labels))
 
 
 def test_batch_shape_jit_and_vmap(rng):
