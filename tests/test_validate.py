@@ -31,8 +31,12 @@ FORBIDDEN = {
     "sample_weights": "sample_weight",
 }
 # Leading positional parameters each family may take; everything else is keyword-only.
+# The distillation losses take two heads' inputs, named by role (student_*, teacher_*).
 POSITIONAL_OK = {"x", "axis", "logits", "log_probs", "labels", "hidden", "linear_weight",
-                 "counts", "class_priors", "fn"}  # fmt: skip
+                 "counts", "class_priors", "fn",
+                 "student_logits", "teacher_logits", "student_hidden", "student_weight",
+                 "teacher_hidden", "teacher_weight", "teacher_logprobs",
+                 "teacher_indices"}  # fmt: skip
 
 
 def _public_functions(module, names):
