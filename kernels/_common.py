@@ -532,11 +532,6 @@ def softcap_grad(dz: jax.Array, capped: jax.Array, cap: float | None) -> jax.Arr
     return dz if cap is None else dz * (1.0 - jnp.square(capped / cap))
 
 
-def filter_eps_value(filter_eps: Any, compute_dtype: Any) -> float | None:
-    """The static gradient-filtering threshold (:func:`jsoftmax._validate.filter_eps`)."""
-    return check.filter_eps(filter_eps, compute_dtype)
-
-
 def filter_keep(
     d: jax.Array,
     labels: jax.Array,

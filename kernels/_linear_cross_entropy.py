@@ -583,7 +583,7 @@ def linear_cross_entropy(
         softcap=logit_softcap,
         has_bias=bias is not None,
         compute_dtype=compute_dtype.name,
-        filter_eps=cm.filter_eps_value(filter_eps, compute_dtype),
+        filter_eps=check.filter_eps(filter_eps, compute_dtype),
     )
     cfg = cm.make_config(block_rows, block_cols, block_d, interpret=interpret)
     return _apply(hidden, weight, bias, labels, sample_weight, reduction, st, cfg)
