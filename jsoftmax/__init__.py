@@ -25,7 +25,7 @@ from jsoftmax._losses import loss_denominator as loss_denominator
 from jsoftmax._losses import nll_loss as nll_loss
 # --- end losses
 
-# --- large vocabularies (jsoftmax/_large_vocab.py)
+# --- large vocabularies (jsoftmax/_large_vocab/)
 from jsoftmax._large_vocab import SoftmaxStats as SoftmaxStats
 from jsoftmax._large_vocab import linear_cross_entropy as linear_cross_entropy
 from jsoftmax._large_vocab import linear_softmax_stats as linear_softmax_stats

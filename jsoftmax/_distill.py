@@ -3,7 +3,7 @@
 ``kl_divergence`` / ``jsd`` work on materialised logits (plain autodiff through
 :func:`jsoftmax.log_softmax`). ``linear_kl_divergence`` / ``linear_jsd`` take the
 student's and the teacher's hidden states and output projections and never hold either
-``(N, V)`` logits: they reuse the chunked vocabulary sweep of ``_large_vocab.py``
+``(N, V)`` logits: they reuse the chunked vocabulary sweep of the ``_large_vocab`` package
 (tiles, chunk loop, softcap chain, gradient matmuls, vocab-parallel offsets).
 
 Forward and reverse KL need one sweep: for the weighting head ``a`` (the teacher for
@@ -27,9 +27,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _large_vocab as lv
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
+from jsoftmax._large_vocab import _api as api
+from jsoftmax._large_vocab import _core as core
+from jsoftmax._large_vocab import _sharding as sharding
+from jsoftmax._large_vocab import _tiles as tiles
 from jsoftmax._softmax import log_softmax
 
 _DIRECTIONS = ("forward", "reverse")
@@ -222,19 +225,25 @@ class _Div:
 
     kind: str  # "forward" | "reverse" | "jsd"
     beta: float
-    s: lv._Config  # the student's tiles (its compute dtype)
-    t: lv._Config  # the teacher's tiles (same layout, chunk, softcap, temperature)
+    s: tiles._Config  # the student's tiles (its compute dtype)
+    t: tiles._Config  # the teacher's tiles (same layout, chunk, softcap, temperature)
 
 
 def _tiles(dc, hs, ws, bs, ht, wt, bt, start, size):
     """The chunk's scaled logits ``u = z / T`` of both heads, and the student's ``z``."""
-    zs = lv._tile_logits(
-        hs, lv._vocab_slice(ws, dc.s, start, size), lv._vocab_slice(bs, dc.s, start, size), dc.s
+    zs = tiles._tile_logits(
+        hs,
+        tiles._vocab_slice(ws, dc.s, start, size),
+        tiles._vocab_slice(bs, dc.s, start, size),
+        dc.s,
     )
-    zt = lv._tile_logits(
-        ht, lv._vocab_slice(wt, dc.t, start, size), lv._vocab_slice(bt, dc.t, start, size), dc.t
+    zt = tiles._tile_logits(
+        ht,
+        tiles._vocab_slice(wt, dc.t, start, size),
+        tiles._vocab_slice(bt, dc.t, start, size),
+        dc.t,
     )
-    return lv._scaled(zs, dc.s), lv._scaled(zt, dc.t), zs
+    return tiles._scaled(zs, dc.s), tiles._scaled(zt, dc.t), zs
 
 
 def _alpha(m, m_new, s):
@@ -274,8 +283,8 @@ def _sweep_lse(dc, hs, ws, bs, ht, wt, bt):
 
     neg = jnp.full((n,), -jnp.inf, acc)
     zero = jnp.zeros((n,), acc)
-    init = lv._as_varying((neg, zero, neg, zero, zero), lv._vma(hs, ws, bs, ht, wt, bt))
-    ms, ss, mt, st, a = lv._loop(v_local, dc.s.chunk, body, init)
+    init = sharding._as_varying((neg, zero, neg, zero, zero), sharding._vma(hs, ws, bs, ht, wt, bt))
+    ms, ss, mt, st, a = tiles._loop(v_local, dc.s.chunk, body, init)
     if dc.s.axis_name is not None:
         # Megatron-style: one pmax per head, then one stacked psum of the rescaled sums.
         ms_all = lax.pmax(ms, dc.s.axis_name)
@@ -318,8 +327,8 @@ def _sweep_jsd(dc, hs, ws, bs, ht, wt, bt, lse_s, lse_t):
         return kp, kq
 
     zero = jnp.zeros((n,), acc)
-    init = lv._as_varying((zero, zero), lv._vma(hs, ws, bs, ht, wt, bt, lse_s, lse_t))
-    kp, kq = lv._loop(v_local, dc.s.chunk, body, init)
+    init = sharding._as_varying((zero, zero), sharding._vma(hs, ws, bs, ht, wt, bt, lse_s, lse_t))
+    kp, kq = tiles._loop(v_local, dc.s.chunk, body, init)
     if dc.s.axis_name is not None:
         kp, kq = lax.psum(jnp.stack([kp, kq]), dc.s.axis_name)
     return kp, kq
@@ -372,11 +381,11 @@ def _divergence_bwd(dc, res, g):
         else:
             lm = _log_mixture(lp, lq, dc.beta)
             du = (1.0 - dc.beta) * jnp.where(q > 0, q * (lq - lm - extra[:, None]), 0.0)
-        dz = lv._softcap_chain(lv._scaled(du * g[:, None], cfg), zs, cfg)
+        dz = tiles._softcap_chain(tiles._scaled(du * g[:, None], cfg), zs, cfg)
         dz_c = dz.astype(cfg.compute_dtype)
-        w_c = lv._vocab_slice(ws, cfg, start, size)
-        dh = dh + lv._hidden_grad(dz_c, w_c, cfg)
-        dw_c = lv._weight_grad(hs, dz_c, cfg).astype(dw.dtype)
+        w_c = tiles._vocab_slice(ws, cfg, start, size)
+        dh = dh + tiles._hidden_grad(dz_c, w_c, cfg)
+        dw_c = tiles._weight_grad(hs, dz_c, cfg).astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, 0).astype(db.dtype), start, 0)
@@ -387,10 +396,10 @@ def _divergence_bwd(dc, res, g):
         jnp.zeros(ws.shape, ws.dtype),
         None if bs is None else jnp.zeros(bs.shape, bs.dtype),
     )
-    init = lv._as_varying(init, lv._vma(hs, ws, bs, ht, wt, bt, lse_s, lse_t, extra, g))
-    dh, dw, db = lv._loop(v_local, cfg.chunk, body, init)
-    dh = lv._sum_over_copies(dh, hs).astype(hs.dtype)
-    dw, db = lv._sum_over_copies(dw, ws), lv._sum_over_copies(db, bs)
+    init = sharding._as_varying(init, sharding._vma(hs, ws, bs, ht, wt, bt, lse_s, lse_t, extra, g))
+    dh, dw, db = tiles._loop(v_local, cfg.chunk, body, init)
+    dh = sharding._sum_over_copies(dh, hs).astype(hs.dtype)
+    dw, db = sharding._sum_over_copies(dw, ws), sharding._sum_over_copies(db, bs)
     zeros = lambda x: None if x is None else jnp.zeros_like(x)  # noqa: E731
     return dh, dw, db, zeros(ht), zeros(wt), zeros(bt)
 
@@ -415,7 +424,7 @@ class _Statics(NamedTuple):
 
 def _statics(kind, beta, temperature, weight_layout, logit_softcap, ignore_index, reduction,
              normalizer, chunk_size, axis_name):  # fmt: skip
-    check.choice(weight_layout, "weight_layout", lv._LAYOUTS)
+    check.choice(weight_layout, "weight_layout", api._LAYOUTS)
     reduction = check.reduction(reduction)
     statics = _Statics(
         kind=kind,
@@ -428,7 +437,7 @@ def _statics(kind, beta, temperature, weight_layout, logit_softcap, ignore_index
         ignore_index=check.ignore_index(ignore_index),
         reduction=reduction,
         chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
-        axis_name=lv._axis(axis_name),
+        axis_name=sharding._axis(axis_name),
     )
     return statics, check.normalizer(normalizer, reduction)
 
@@ -436,8 +445,8 @@ def _statics(kind, beta, temperature, weight_layout, logit_softcap, ignore_index
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
     fn = "linear_jsd" if st.beta is not None else "linear_kl_divergence"
-    stu = lv._check_inputs(fn, hs, ws, labels, bs, st.layout, st.axis_name, st.ignore_index)
-    tea = lv._check_inputs(fn, ht, wt, None, bt, st.layout, st.axis_name, st.ignore_index)
+    stu = api._check_inputs(fn, hs, ws, labels, bs, st.layout, st.axis_name, st.ignore_index)
+    tea = api._check_inputs(fn, ht, wt, None, bt, st.layout, st.axis_name, st.ignore_index)
     if tea.batch_shape != stu.batch_shape:
         raise ValueError(
             f"`teacher_hidden` of shape {ht.shape} has tokens {tea.batch_shape}, but "
@@ -449,7 +458,7 @@ def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
             f"have different vocabularies ({tea.v_local} and {stu.v_local})."
         )
     acc = jnp.promote_types(stu.acc, tea.acc)
-    cfg_s = lv._make_config(
+    cfg_s = api._make_config(
         stu, st.layout, st.chunk_size, st.softcap, st.axis_name, need_zw=False,
         temperature=st.temperature,
     )  # fmt: skip
@@ -475,7 +484,7 @@ def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
     if st.reduction == "none":
         return per_token.reshape(stu.batch_shape)
     bad = False if stu.keep is None else stu.bad
-    return lv._reduce(jnp.sum(per_token), base, None, st.reduction, normalizer, bad)
+    return api._reduce(jnp.sum(per_token), base, None, st.reduction, normalizer, bad)
 
 
 def linear_kl_divergence(
@@ -699,7 +708,7 @@ def _gathered_logits(h2, w, b, idx, cfg):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, normalizer):
     fn = "linear_topk_kl_divergence"
-    stu = lv._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
+    stu = api._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
     lp = check.float_array(teacher_logprobs, "teacher_logprobs")
     if lp.ndim != len(stu.batch_shape) + 1 or lp.shape[:-1] != stu.batch_shape:
         raise ValueError(
@@ -708,7 +717,7 @@ def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, n
         )
     idx = check.widen_labels(check.integer_labels(teacher_indices, lp.shape, "teacher_indices"))
     n_rows, k = stu.h2.shape[0], lp.shape[-1]
-    cfg = lv._make_config(
+    cfg = api._make_config(
         stu, st.layout, st.chunk_size, st.softcap, None, need_zw=False,
         temperature=st.temperature,
     )  # fmt: skip
@@ -717,8 +726,8 @@ def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, n
     idx = idx.reshape(n_rows, k)
     bad_idx = jnp.any((idx < 0) | (idx >= stu.n_vocab), axis=1)
     idx = jnp.clip(idx, 0, stu.n_vocab - 1)
-    lse = lv._stats(cfg, h2, stu.linear_weight, stu.linear_bias, None, None).lse
-    u_k = lv._scaled(_gathered_logits(h2, stu.linear_weight, stu.linear_bias, idx, cfg), cfg)
+    lse = core._stats(cfg, h2, stu.linear_weight, stu.linear_bias, None, None).lse
+    u_k = tiles._scaled(_gathered_logits(h2, stu.linear_weight, stu.linear_bias, idx, cfg), cfg)
     lq = u_k - jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None]
     lp = lax.stop_gradient(lp.reshape(n_rows, k).astype(acc))
     p = jnp.exp(lp)
@@ -741,7 +750,7 @@ def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, n
     per_token = jnp.where(bad, jnp.nan, jnp.where(keep, div, 0.0))
     if st.reduction == "none":
         return per_token.reshape(stu.batch_shape)
-    return lv._reduce(jnp.sum(per_token), keep.astype(acc), None, st.reduction, normalizer, bad)
+    return api._reduce(jnp.sum(per_token), keep.astype(acc), None, st.reduction, normalizer, bad)
 
 
 def linear_topk_kl_divergence(
@@ -826,7 +835,7 @@ def linear_topk_kl_divergence(
       0.8561
     """
     check.choice(remainder, "remainder", _REMAINDERS)
-    check.choice(weight_layout, "weight_layout", lv._LAYOUTS)
+    check.choice(weight_layout, "weight_layout", api._LAYOUTS)
     reduction = check.reduction(reduction)
     st = _SparseStatics(
         layout=weight_layout,

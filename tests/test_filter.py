@@ -1,4 +1,4 @@
-"""Gradient filtering (``filter_eps``) and ``vocab_order`` of jsoftmax/_large_vocab.py.
+"""Gradient filtering (``filter_eps``) and ``vocab_order`` of jsoftmax/_large_vocab/_filter.py.
 
 The documented rule, checked here against a float64 reference that materialises the
 logits: a ``(rows, chunk)`` tile of the logits gradient ``dz`` may lose its
@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 import jsoftmax as jsm
 from jsoftmax import _compat
-from jsoftmax import _large_vocab as lv
 from jsoftmax._bench import lm_head_inputs
+from jsoftmax._large_vocab import _filter as lv_filter
 
 lce = jsm.linear_cross_entropy
 ROWS, CHUNK = 32, 128  # filter tile of these tests
@@ -32,7 +32,7 @@ ROWS, CHUNK = 32, 128  # filter tile of these tests
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(lv, "_FILTER_ROWS", ROWS)
+    monkeypatch.setattr(lv_filter, "FILTER_ROWS", ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +388,7 @@ def test_bound_holds_for_random_heads(scale, log2_eps, smoothing, seed):
     y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
     eps, opts = 2.0**log2_eps, dict(label_smoothing=smoothing)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lv, "_FILTER_ROWS", ROWS)
+        mp.setattr(lv_filter, "FILTER_ROWS", ROWS)
         val0, (dh0, dw0, _) = grads(h, w, y, b, None, **opts)
         val1, (dh1, dw1, _) = grads(h, w, y, b, eps, **opts)
     assert np.array_equal(val0, val1)

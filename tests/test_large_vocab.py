@@ -1,4 +1,4 @@
-"""Tests for jsoftmax/_large_vocab.py: linear_cross_entropy without materialised logits.
+"""Tests for jsoftmax/_large_vocab/: linear_cross_entropy without materialised logits.
 
 Every check compares against a float64 reference that *does* materialise the logits
 (``hidden @ weight + bias``) and applies the documented cross-entropy formulas directly.
