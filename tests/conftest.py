@@ -19,6 +19,14 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from jsoftmax import _compat  # noqa: E402
 
+# tests/mutations.py: a deliberate defect at the public API, applied before any test module
+# is imported (so module-level aliases such as `lce = jsm.linear_cross_entropy` see it).
+MUTATION = os.environ.get("JSOFTMAX_MUTATION")
+if MUTATION:
+    import mutations  # noqa: E402
+
+    mutations.apply(MUTATION)
+
 # jit compilation dominates example time; deadlines would only measure compile noise.
 settings.register_profile(
     "default",
@@ -44,4 +52,5 @@ def rng():
 
 
 def pytest_report_header(config):
-    return f"jax {jax.__version__}, devices: {jax.devices()}"
+    header = f"jax {jax.__version__}, devices: {jax.devices()}"
+    return header + (f"\nMUTATED: {MUTATION}" if MUTATION else "")
