@@ -40,6 +40,17 @@ from jsoftmax._distill import linear_kl_divergence as linear_kl_divergence
 from jsoftmax._distill import linear_topk_kl_divergence as linear_topk_kl_divergence
 # --- end distillation
 
+# --- post-training (jsoftmax/_post_training.py)
+from jsoftmax._post_training import GRPOMetrics as GRPOMetrics
+from jsoftmax._post_training import PreferenceMetrics as PreferenceMetrics
+from jsoftmax._post_training import dpo_loss as dpo_loss
+from jsoftmax._post_training import grpo_loss as grpo_loss
+from jsoftmax._post_training import linear_token_logprobs as linear_token_logprobs
+from jsoftmax._post_training import orpo_loss as orpo_loss
+from jsoftmax._post_training import sequence_logprobs as sequence_logprobs
+from jsoftmax._post_training import simpo_loss as simpo_loss
+# --- end post-training
+
 # --- calibration and open-set recognition (jsoftmax/_calibration.py)
 from jsoftmax._calibration import energy_score as energy_score
 from jsoftmax._calibration import expected_calibration_error as expected_calibration_error

@@ -15,6 +15,7 @@ Conventions used throughout the package:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -159,3 +160,42 @@ def _poison_bwd(bad, ct):
 
 
 poison_cotangent.defvjp(_poison_fwd, _poison_bwd)
+
+
+# ------------------------------------------------------------- log-space helpers
+
+_LN2 = 0.6931471805599453
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 - e^x)`` for ``x <= 0``, accurate over the whole range.
+
+    ``log(-expm1(x))`` near 0 (where ``1 - e^x`` cancels) and ``log1p(-e^x)`` below
+    ``-ln 2`` (where ``expm1`` loses the small ``e^x``), Mächler's switch (2012, "Accurately
+    computing log(1 - exp(-|a|))"). Each branch sees a safe argument, so neither
+    produces a NaN gradient that ``jnp.where`` would then multiply by zero.
+    ``x = 0`` gives ``-inf``; callers that need a finite value clamp first.
+    """
+    near = x > -_LN2
+    return jnp.where(
+        near,
+        jnp.log(-jnp.expm1(jnp.where(near, x, -1.0))),
+        jnp.log1p(-jnp.exp(jnp.where(near, -1.0, x))),
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def saturate(x: jax.Array, hi: float) -> jax.Array:
+    """``min(x, hi)`` whose derivative is 1 everywhere (a straight-through clamp).
+
+    Keeps ``exp(x)`` finite (``hi = 80``: ``e^80 ≈ 5.5e34``, far from float32's
+    ``3.4e38`` even after a few factors), while the gradient keeps its sign and its
+    saturated size instead of dropping to 0 beyond the clamp.
+    """
+    return jnp.minimum(x, hi)
+
+
+@saturate.defjvp
+def _saturate_jvp(hi, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return jnp.minimum(x, hi), dx

@@ -53,6 +53,20 @@ def reduction(value: Any) -> str:
     return choice(value, "reduction", REDUCTIONS)
 
 
+def loss_type(value: Any, options: Sequence[str]) -> str:
+    """The variant of a loss family (``loss_type="sigmoid"``, ``"dapo"``, ...)."""
+    return choice(value, "loss_type", options)
+
+
+def label_smoothing(value: Any, *, hi: float = 1.0, hi_open: bool = False) -> float:
+    """A smoothing probability ``ε`` in ``[0, hi]`` (``[0, hi)`` with ``hi_open``).
+
+    The softmax losses allow ``[0, 1]``; the preference losses flip the pair's label with
+    probability ``ε`` and allow ``[0, 0.5]`` (``[0, 0.5)`` where they divide by ``1 - 2ε``).
+    """
+    return static_number(value, "label_smoothing", lo=0.0, hi=hi, hi_open=hi_open)
+
+
 def static_number(
     value: Any,
     name: str,
@@ -338,6 +352,24 @@ def integer_labels(
             "(the logits' shape without the class axis)."
         )
     return labels
+
+
+def same_shape(x: ArrayLike, shape: tuple[int, ...], name: str, like: str) -> jax.Array:
+    """A float array of exactly ``shape``, the shape of the argument called ``like``."""
+    x = float_array(x, name)
+    if x.shape != tuple(shape):
+        raise ValueError(
+            f"`{name}` has shape {x.shape}; expected {tuple(shape)}, the shape of `{like}`."
+        )
+    return x
+
+
+def token_mask(mask: ArrayLike, shape: tuple[int, ...], like: str) -> jax.Array:
+    """A per-token mask of exactly ``shape`` (bool, 0/1 or float weights), as a float array."""
+    mask = jnp.asarray(mask)
+    if jnp.issubdtype(mask.dtype, jnp.complexfloating):
+        raise TypeError(f"`mask` must be boolean or real, got dtype {mask.dtype}.")
+    return same_shape(mask, shape, "mask", like)
 
 
 def vocab_order(order: ArrayLike, n_vocab: int) -> jax.Array:

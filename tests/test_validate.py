@@ -31,12 +31,15 @@ FORBIDDEN = {
     "sample_weights": "sample_weight",
 }
 # Leading positional parameters each family may take; everything else is keyword-only.
-# The distillation losses take two heads' inputs, named by role (student_*, teacher_*).
+# The distillation losses take two heads' inputs, named by role (student_*, teacher_*);
+# the post-training losses take log-probabilities (and GRPO its advantages and mask).
 POSITIONAL_OK = {"x", "axis", "logits", "log_probs", "labels", "hidden", "linear_weight",
                  "counts", "class_priors", "fn",
                  "student_logits", "teacher_logits", "student_hidden", "student_weight",
                  "teacher_hidden", "teacher_weight", "teacher_logprobs",
-                 "teacher_indices"}  # fmt: skip
+                 "teacher_indices",
+                 "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                 "logps", "old_logps", "advantages", "mask"}  # fmt: skip
 
 
 def _public_functions(module, names):
