@@ -31,6 +31,11 @@ Rows:
   ``value_and_grad`` w.r.t. the student's hidden states and weight against the same
   divergence from both heads' materialised logits (teacher under ``stop_gradient``), at
   the linear cross-entropy row's shape (the teacher has the same ``D``).
+* ``grpo_loss`` (DAPO aggregation, ``β = 0.04`` KL to a cached reference) on
+  :func:`jsoftmax.linear_token_logprobs`: ``value_and_grad`` w.r.t. hidden states and
+  head of one GRPO step on ``B`` sequences of ``T = 128`` tokens (``B·T = N`` of the
+  linear cross-entropy row) against the same loss on the materialised ``(B, T, V)``
+  logits (``log_softmax`` in float32, a gather).
 
 ``--quick`` uses smaller shapes and 5 pairs (under a minute on 2 cores); its rows are
 labelled "quick" and do not stand in for the full-size numbers.
@@ -416,6 +421,72 @@ def _distill_case(sizes: Sizes, kind: str) -> Case:
     )
 
 
+# Post-training: one GRPO step from the hidden states, fused against materialised logits.
+GRPO_BETA = 0.04
+
+
+def grpo_step(fused: bool) -> Callable:
+    """``value_and_grad`` in ``(hidden, kernel)`` of a GRPO loss (DAPO aggregation, KL to
+    a cached reference) on ``(B, T, D)`` hidden states and a ``(D, V)`` head: through
+    :func:`jsoftmax.linear_token_logprobs` (``fused=True``) or through the materialised
+    ``(B, T, V)`` logits, ``jax.nn.log_softmax`` in float32 and a gather."""
+
+    def token_logprobs(h, w, y, mask):
+        if fused:
+            return jsm.linear_token_logprobs(h, w, y, mask=mask)
+        z = jnp.einsum("btd,dv->btv", h, w).astype(jnp.float32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), y[..., None], axis=-1)[..., 0]
+        return jnp.where(mask, lp, 0.0)
+
+    def loss(h, w, y, mask, old_logps, advantages, ref_logps):
+        lp = token_logprobs(h, w, y, mask)
+        return jsm.grpo_loss(lp, old_logps, advantages, mask, ref_logps=ref_logps,
+                             beta=GRPO_BETA)  # fmt: skip
+
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def grpo_step_args(b: int, t: int, d: int, v: int, dtype: Any, seed: int = 0) -> tuple:
+    """Concrete inputs of :func:`grpo_step`: a padded batch of sampled tokens."""
+    key = jax.random.split(jax.random.key(seed), 6)
+    h = jax.random.normal(key[0], (b, t, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(key[1], (d, v), jnp.float32) / np.sqrt(d)).astype(dtype)
+    y = jax.random.randint(key[2], (b, t), 0, v, jnp.int32)
+    lengths = jax.random.randint(key[3], (b, 1), t // 2, t + 1)
+    mask = jnp.arange(t)[None, :] < lengths
+    old = jnp.where(mask, -jnp.log(float(v)) + 0.1 * jax.random.normal(key[4], (b, t)), 0.0)
+    adv = jax.random.normal(key[5], (b,), jnp.float32)
+    return h, w, y, mask, old, adv, old - 0.05
+
+
+def grpo_step_shapes(b: int, t: int, d: int, v: int, dtype: Any) -> tuple:
+    """Shape-only arguments of :func:`grpo_step` (nothing is allocated)."""
+    sds = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    return (sds((b, t, d), dtype), sds((d, v), dtype), sds((b, t), jnp.int32),
+            sds((b, t), jnp.bool_), sds((b, t), f32), sds((b,), f32), sds((b, t), f32))  # fmt: skip
+
+
+def _grpo_case(sizes: Sizes) -> Case:
+    n, d, v = sizes.lce
+    t = min(n, 128)
+    b = n // t
+
+    def build():
+        if getattr(jsm, "grpo_loss", None) is None:
+            return None
+        return grpo_step(True), grpo_step(False), grpo_step_args(b, t, d, v, jnp.float32, 6)
+
+    return Case(
+        "grpo_loss v&g (h, W), linear_token_logprobs",
+        f"B={b} T={t} D={d} V={v} f32",
+        "h @ W, log_softmax, gather, grpo_loss",
+        "temp <= 1/8x, time <= 1.2x",
+        build,
+        check=lambda r: r.cand_temp * 8 <= r.base_temp and r.time_ratio <= 1.2,
+    )
+
+
 def cases(sizes: Sizes) -> list[Case]:
     """The benchmark rows for one mode, in table order."""
     return [
@@ -429,6 +500,7 @@ def cases(sizes: Sizes) -> list[Case]:
         _filter_random_case(sizes),
         _distill_case(sizes, "forward"),
         _distill_case(sizes, "jsd"),
+        _grpo_case(sizes),
     ]
 
 

@@ -200,6 +200,7 @@ def test_bench_tiny_json(tmp_path):
         "linear_cross_entropy",  # filter_eps on random logits, against filter_eps=None
         "linear_kl_divergence",
         "linear_jsd",
+        "grpo_loss",  # a GRPO step on linear_token_logprobs, against materialised logits
     ]
     assert "LM-like" in rows[6]["shape"] and "random" in rows[7]["shape"]
     for r in rows:
