@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _references import np_cross_entropy, sum_tol, unit_roundoff
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -45,28 +46,60 @@ def lm():
 
 
 def exact_logit_grad(h, w, y, b, opts):
-    """float64 ``dz = ∂loss/∂(h W + b)`` (before the soft cap) and ``T_i``."""
-    with _compat.enable_x64(True):
-        h, w, b = (np.asarray(a, np.float64) for a in (h, w, b))
-        z = jnp.asarray(h @ w + b)
+    """float64 numpy ``dz = ∂loss/∂(h W + b)`` (before the soft cap), ``T_i``, and ``|dz|``'s parts.
 
-        def loss(z):
-            cap = opts.get("logit_softcap")
-            zc = z if cap is None else cap * jnp.tanh(z / cap)
-            return jsm.cross_entropy(
-                zc, y, **{k: v for k, v in opts.items() if k != "logit_softcap"}
-            )
+    Written from the formula (``np_cross_entropy`` in tests/_references.py), no jsoftmax.
+    """
+    h, w, b = (np.asarray(a, np.float64) for a in (h, w, b))
+    z = h @ w + b
+    cap = opts.get("logit_softcap")
+    zc = z if cap is None else cap * np.tanh(z / cap)
+    kw = {k: opts[k] for k in ("weight", "sample_weight", "label_smoothing", "z_loss",
+                                "reduction") if k in opts}  # fmt: skip
+    _, dz = np_cross_entropy(zc, np.asarray(y), **kw)
+    if cap is not None:
+        dz = dz * (1 - np.tanh(z / cap) ** 2)
+    n, v = z.shape
+    eps = opts.get("label_smoothing", 0.0)
+    cw = np.ones(v) if opts.get("weight") is None else np.asarray(opts["weight"], np.float64)
+    sw = np.ones(n) if opts.get("sample_weight") is None else np.asarray(opts["sample_weight"])
+    y = np.asarray(y)
+    w_y = cw[y] * sw
+    den = w_y.sum() if opts.get("reduction", "mean") == "mean" else 1.0
+    unit = (w_y * (1 - eps) + sw * eps / v * np.abs(cw).sum()) / den
+    # The size of dz's parts before they cancel (p_y - 1 near 0 is computed from p_y ~ 1):
+    # what dz's rounding error is relative to (see `rounding`).
+    p = np.exp(zc - zc.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    onehot = np.arange(v)[None, :] == y[:, None]
+    mag = np.abs(dz) + np.abs(unit)[:, None] * (p + onehot)
+    return dz, unit, mag
 
-        dz = np.asarray(jax.grad(loss)(z))
-        n, v = z.shape
-        eps = opts.get("label_smoothing", 0.0)
-        cw = np.ones(v) if opts.get("weight") is None else np.asarray(opts["weight"], np.float64)
-        sw = np.ones(n) if opts.get("sample_weight") is None else np.asarray(opts["sample_weight"])
-        y = np.asarray(y)
-        w_y = cw[y] * sw
-        den = w_y.sum() if opts.get("reduction", "mean") == "mean" else 1.0
-        unit = (w_y * (1 - eps) + sw * eps / v * np.abs(cw).sum()) / den
-    return dz, unit
+
+def exact_grads(dz, h, w):
+    """float64 ``d_hidden``, ``d_weight``, ``d_bias`` from the logits' gradient (chain rule)."""
+    h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+    return dz @ w.T, h.T @ dz, dz.sum(0)
+
+
+def rounding(mag, h, w, dtype=np.float32):
+    """Per-entry rounding allowance of the computed gradients against ``exact_grads``.
+
+    Each entry is a sum of products ``dz_ic·W_kc`` (over the V classes) or ``h_ik·dz_ic``
+    (over the N tokens), accumulated in float32: ``γ_n·Σ|terms|`` with n the sum's length,
+    plus dz's own float32 error, relative to the size of its parts ``mag`` (its logits a
+    D-term matmul, its normaliser a V-term sum), so γ over V + D + the sum's length.
+    bfloat16 inputs: dz is rounded to bfloat16 before the matmuls (u per term) and the
+    result once more on output (one ulp, 2u).
+    """
+    n, v, d = mag.shape[0], mag.shape[1], np.shape(h)[1]
+    adz = mag
+    ah, aw = np.abs(np.asarray(h, np.float64)), np.abs(np.asarray(w, np.float64))
+    terms = (adz @ aw.T, ah.T @ adz, adz.sum(0))
+    rel = [sum_tol(v + d + v), sum_tol(v + d + n), sum_tol(v + d + n)]
+    if np.dtype(dtype).itemsize < 4:
+        rel = [r + 3 * unit_roundoff(dtype) for r in rel]
+    return [r * t for r, t in zip(rel, terms, strict=True)]
 
 
 def skippable_tiles(dz, unit, y, eps, rows=ROWS, chunk=CHUNK):
@@ -104,6 +137,32 @@ def grads(h, w, y, b, filter_eps, **opts):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(h, w, b)
 
 
+def assert_within(got, exact, allowed, what):
+    err = np.abs(np.asarray(got, np.float64) - exact)
+    worst = np.unravel_index(np.argmax(err - allowed), err.shape)
+    assert np.all(err <= allowed), (
+        f"{what}: |error| {err[worst]:.3g} > allowed {allowed[worst]:.3g} at {worst} "
+        f"(exact {exact[worst]:.3g}, max |exact| {np.abs(exact).max():.3g})"
+    )
+
+
+def check_against_exact(h, w, y, b, opts, eps, g0, g1):
+    """Unfiltered ``g0``: exact up to rounding; filtered ``g1``: within the documented bound.
+
+    Returns the skippable-tile map of the reference.
+    """
+    dz, unit, mag = exact_logit_grad(h, w, y, b, opts)
+    ok = skippable_tiles(dz, unit, np.asarray(y), eps)
+    exact = exact_grads(dz, h, w)
+    rnd = rounding(mag, h, w)
+    bounds = bound(w, h, unit, ok, eps)
+    for name, a, c, e, r, bd in zip(("d_hidden", "d_weight", "d_bias"), g0, g1, exact, rnd,
+                                    bounds, strict=False):  # fmt: skip
+        assert_within(a, e, r, f"unfiltered {name}")
+        assert_within(c, e, bd + r, f"filtered {name}")
+    return ok
+
+
 OPTIONS = {
     "plain": dict(),
     "smoothing": dict(label_smoothing=0.05),
@@ -121,21 +180,13 @@ def test_filtered_gradients_within_bound_loss_identical(name, lm):
         opts["weight"] = jnp.linspace(0.5, 2.0, v)
         opts["sample_weight"] = jnp.linspace(0.2, 1.5, n)
     eps = 2.0**-10
-    val0, (dh0, dw0, db0) = grads(h, w, y, b, None, **opts)
-    val1, (dh1, dw1, db1) = grads(h, w, y, b, eps, **opts)
+    val0, g0 = grads(h, w, y, b, None, **opts)
+    val1, g1 = grads(h, w, y, b, eps, **opts)
     assert np.array_equal(val0, val1)  # the value is never touched
-    dz, unit = exact_logit_grad(h, w, y, b, opts)
-    ok = skippable_tiles(dz, unit, np.asarray(y), eps)
+    ok = check_against_exact(h, w, y, b, opts, eps, g0, g1)
     assert ok.mean() > 0.1, ok.mean()  # the case has something to skip
-    bh, bw, bb = bound(w, h, unit, ok, eps)
-    err_h = np.abs(np.asarray(dh1, np.float64) - np.asarray(dh0, np.float64))
-    err_w = np.abs(np.asarray(dw1, np.float64) - np.asarray(dw0, np.float64))
-    err_b = np.abs(np.asarray(db1, np.float64) - np.asarray(db0, np.float64))
-    assert err_h.max() > 0  # filtering did drop something
-    assert np.all(err_b <= bb + 1e-6 * np.abs(db0).max()), (err_b - bb).max()
-    # Rounding of the unfiltered float32 sums on top of the bound.
-    assert np.all(err_h <= bh + 1e-6 * np.abs(dh0).max()), (err_h - bh).max()
-    assert np.all(err_w <= bw + 1e-6 * np.abs(dw0).max()), (err_w - bw).max()
+    for a, c in zip(g0, g1, strict=True):  # and filtering did drop something
+        assert np.abs(np.asarray(c) - np.asarray(a)).max() > 0
 
 
 def test_zero_threshold_is_exact(lm):
@@ -168,11 +219,16 @@ def test_label_in_negligible_tile_is_never_skipped():
     b[:CHUNK] = 0.0  # all the mass in the first chunk: every other tile is negligible
     y = rng.integers(0, CHUNK, size=n).astype(np.int32)
     y[5] = 3 * CHUNK + 7  # a label with p ~ e^-40 in an otherwise skippable tile
-    _, (dh0, dw0, _) = grads(h, w, jnp.asarray(y), b, None)
-    _, (dh1, dw1, _) = grads(h, w, jnp.asarray(y), b, 2.0**-12)
-    np.testing.assert_allclose(dw1[:, y[5]], dw0[:, y[5]], rtol=1e-6)
-    assert np.abs(dw0[:, y[5]]).max() > 1e-3
-    np.testing.assert_allclose(dh1[5], dh0[5], rtol=1e-5, atol=1e-7)
+    eps = 2.0**-12
+    _, g0 = grads(h, w, jnp.asarray(y), b, None)
+    _, g1 = grads(h, w, jnp.asarray(y), b, eps)
+    dz, _, mag = exact_logit_grad(h, w, y, b, {})
+    (_, dw, _), (rh, rw, _) = exact_grads(dz, h, w), rounding(mag, h, w)
+    assert np.abs(dw[:, y[5]]).max() > 1e-3
+    # The label's column and row are exact (up to rounding), filtered or not.
+    for g in (g0, g1):
+        assert_within(g[1][:, y[5]], dw[:, y[5]], rw[:, y[5]], "d_weight of the label")
+        assert_within(g[0][5], exact_grads(dz, h, w)[0][5], rh[5], "d_hidden of its token")
 
 
 def test_bad_label_is_poisoned_not_skipped(lm):
@@ -196,6 +252,7 @@ def test_vmap_and_stats(lm):
     h, w, y, b = lm
     hb = jnp.stack([h[:128], h[128:]])
     yb = jnp.stack([y[:128], y[128:]])
+    eps = 2.0**-12
 
     def f(fe):
         def loss(hb, w):
@@ -204,9 +261,19 @@ def test_vmap_and_stats(lm):
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hb, w)
 
-    (v0, g0), (v1, g1) = f(None), f(2.0**-12)
+    (v0, g0), (v1, g1) = f(None), f(eps)
     assert np.array_equal(v0, v1)
-    np.testing.assert_allclose(g1[1], g0[1], atol=2.0**-12 * np.abs(hb).sum(axis=(0, 1)).max())
+    # Each batch entry is a mean over its 128 tokens (T_i = 1/128); float64 reference of
+    # the sum of the two means. The documented bound, with every token allowed to drop:
+    # |Δd_weight_kc| < filter_eps·Σ_i T_i·|h_ik| (about 1e-3 here, against entries of 0.1).
+    dz, _, mag = (np.concatenate(a) for a in zip(*(exact_logit_grad(hb[i], w, yb[i], b, {})
+                                                  for i in range(2)), strict=True))  # fmt: skip
+    _, dw, _ = exact_grads(dz, h, w)
+    _, rw, _ = rounding(mag, h, w)
+    bw = eps * np.abs(np.asarray(h, np.float64)).sum(0)[:, None] / 128
+    assert bw.max() < 0.02 * np.abs(dw).max()  # the check has teeth
+    assert_within(g0[1], dw, rw, "unfiltered d_weight")
+    assert_within(g1[1], dw, bw + rw, "filtered d_weight")
 
     def rl(fe):
         def obj(h, w):
@@ -215,12 +282,36 @@ def test_vmap_and_stats(lm):
 
         return jax.jit(jax.value_and_grad(obj, argnums=(0, 1)))(h, w)
 
-    (v0, g0), (v1, g1) = rl(None), rl(2.0**-12)
+    def rl_exact(h, w):  # float64, plain jax.nn on the materialised logits
+        lp = jax.nn.log_softmax(h @ w + b.astype(jnp.float64))
+        ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+        return jnp.sum(jnp.take_along_axis(lp, y[:, None], -1)) + 0.01 * jnp.sum(ent)
+
+    (v0, g0), (v1, g1) = rl(None), rl(eps)
     assert np.array_equal(v0, v1)
     assert not np.array_equal(g0[1], g1[1])
+    with _compat.enable_x64(True):
+        h64, w64 = (jnp.asarray(a, jnp.float64) for a in (h, w))
+        ev, (eh, ew) = jax.value_and_grad(rl_exact, argnums=(0, 1))(h64, w64)
+        # The same chain rule on dz = ∂obj/∂z, for the rounding allowance.
+        dz = np.asarray(jax.grad(lambda z: rl_exact_z(z, y))(h64 @ w64 + b.astype(jnp.float64)))
+    eh, ew = np.asarray(eh), np.asarray(ew)
+    np.testing.assert_allclose(v0, ev, rtol=sum_tol(w.shape[1] + h.shape[1]) * 4)
+    _, _, mag = exact_logit_grad(h, w, y, b, {})  # p + onehot: the parts' scale
+    rh, rw, _ = rounding(np.abs(dz) + 1.01 * mag, h, w)
     # T_i = 1 + 0.01 here; the dropped elements are < 2^-12·T_i each.
-    tol = 2.0**-12 * 1.01 * np.abs(np.asarray(w)).sum(axis=1).max()
-    assert np.abs(np.asarray(g1[0]) - np.asarray(g0[0])).max() <= tol
+    bh = eps * 1.01 * np.abs(np.asarray(w, np.float64)).sum(axis=1)[None, :]
+    bw = eps * 1.01 * np.abs(np.asarray(h, np.float64)).sum(0)[:, None]
+    for g, e, r, bd, what in ((g0[0], eh, rh, 0, "d_hidden"), (g0[1], ew, rw, 0, "d_weight"),
+                              (g1[0], eh, rh, bh, "filtered d_hidden"),
+                              (g1[1], ew, rw, bw, "filtered d_weight")):  # fmt: skip
+        assert_within(g, e, bd + r, what)
+
+
+def rl_exact_z(z, y):
+    lp = jax.nn.log_softmax(z)
+    ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+    return jnp.sum(jnp.take_along_axis(lp, y[:, None], -1)) + 0.01 * jnp.sum(ent)
 
 
 def test_vocab_parallel(lm):
@@ -241,17 +332,11 @@ def test_vocab_parallel(lm):
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(h, w, b)
 
-    (v0, (dh0, dw0, _)), (v1, (dh1, dw1, _)) = run(None), run(eps)
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    (v0, g0), (v1, g1) = run(None), run(eps)
+    np.testing.assert_allclose(v1, v0, rtol=sum_tol(w.shape[1]))  # psum order
     # Shard boundaries are chunk boundaries (2048 / 4 = 4 chunks each): same tiles.
-    dz, unit = exact_logit_grad(h, w, y, b, dict(label_smoothing=0.01))
-    ok = skippable_tiles(dz, unit, np.asarray(y), eps)
-    bh, bw, _ = bound(w, h, unit, ok, eps)
-    err_h = np.abs(np.asarray(dh1, np.float64) - np.asarray(dh0, np.float64))
-    err_w = np.abs(np.asarray(dw1, np.float64) - np.asarray(dw0, np.float64))
-    assert err_w.max() > 0
-    assert np.all(err_h <= bh + 1e-6 * np.abs(dh0).max())
-    assert np.all(err_w <= bw + 1e-6 * np.abs(dw0).max())
+    check_against_exact(h, w, y, b, dict(label_smoothing=0.01), eps, g0[:2], g1[:2])
+    assert np.abs(np.asarray(g1[1]) - np.asarray(g0[1])).max() > 0
 
 
 # ------------------------------------------------------------------ vocabulary order
@@ -334,12 +419,16 @@ def test_pallas_route_filters_too(monkeypatch):
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, w)
 
-    (v0, (dh0, dw0)), (v1, (dh1, dw1)) = run(None), run(2.0**-12)
+    (v0, g0), (v1, g1) = run(None), run(2.0**-12)
     assert seen == [None, 2.0**-12]  # the option reaches the kernel
     assert np.array_equal(v0, v1)
-    # Every dropped element is ~e^-30 / n: the gradients agree to rounding.
-    np.testing.assert_allclose(dh1, dh0, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-7)
+    # Every dropped element is ~e^-30 / n: the gradients are exact up to rounding, and
+    # equally so with and without filtering.
+    dz, _, mag = exact_logit_grad(h, w, y, b, {})
+    for g in (g0, g1):
+        for a, e, r, what in zip(g, exact_grads(dz, h, w), rounding(mag, h, w), "hw",
+                                 strict=False):  # fmt: skip
+            assert_within(a, e, r + 1e-12, f"d_{what}")
 
 
 def test_bfloat16_auto(lm):
@@ -361,22 +450,24 @@ def test_bfloat16_auto(lm):
     assert v1.dtype == jnp.float32 and np.array_equal(v0, v1)
     assert dh1.dtype == jnp.bfloat16 and dw1.dtype == jnp.bfloat16
     assert not np.array_equal(dw0, dw1)
-    dz, unit = exact_logit_grad(hb.astype(jnp.float32), wb.astype(jnp.float32), y, b, {})
+    h32, w32 = hb.astype(jnp.float32), wb.astype(jnp.float32)  # the inputs as rounded
+    dz, unit, mag = exact_logit_grad(h32, w32, y, b, {})
     ok = skippable_tiles(dz, unit, np.asarray(y), eps)
-    bh, bw, _ = bound(wb.astype(jnp.float32), hb.astype(jnp.float32), unit, ok, eps)
-    # bf16 gradients: the bound plus the output rounding of a bf16 number.
-    err_h = np.abs(np.asarray(dh1, np.float64) - np.asarray(dh0, np.float64))
-    assert np.all(err_h <= bh + 2.0**-7 * np.abs(np.asarray(dh0, np.float64)) + 1e-6)
-    err_w = np.abs(np.asarray(dw1, np.float64) - np.asarray(dw0, np.float64))
-    assert np.all(err_w <= bw + 2.0**-7 * np.abs(np.asarray(dw0, np.float64)) + 1e-6)
+    exact = exact_grads(dz, h32, w32)
+    rnd = rounding(mag, h32, w32, jnp.bfloat16)
+    bounds = bound(w32, h32, unit, ok, eps)
+    for what, a, c, e, r, bd in zip("hw", (dh0, dw0), (dh1, dw1), exact, rnd, bounds,
+                                    strict=False):  # fmt: skip
+        assert_within(a, e, r, f"unfiltered d_{what}")
+        assert_within(c, e, bd + r, f"filtered d_{what}")
 
 
 @pytest.mark.slow
 @hypothesis.settings(max_examples=6, deadline=None)
 @hypothesis.given(
-    scale=st.floats(0.5, 6.0),
+    scale=st.floats(0.5, 2.0),
     log2_eps=st.integers(-16, -6),
-    smoothing=st.sampled_from([0.0, 0.01]),
+    smoothing=st.sampled_from([0.0, 1e-6]),
     seed=st.integers(0, 2**16),
 )
 def test_bound_holds_for_random_heads(scale, log2_eps, smoothing, seed):
@@ -384,18 +475,16 @@ def test_bound_holds_for_random_heads(scale, log2_eps, smoothing, seed):
     n, d, v = 64, 8, 512
     h = jnp.asarray(rng.normal(size=(n, d)) * scale, jnp.float32)
     w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
-    b = jnp.asarray(-np.linspace(0.0, 12.0, v), jnp.float32)  # sorted-like: rarer to the right
-    y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
+    # Sorted-like: rarer to the right, the last chunks below e^-30 of the first whatever
+    # the draw (|h W| <= 2·sqrt(8)·~4 < 30), so every example has tiles to skip.
+    b = jnp.asarray(-np.linspace(0.0, 60.0, v), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v // 4, size=n), jnp.int32)
     eps, opts = 2.0**log2_eps, dict(label_smoothing=smoothing)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lv_filter, "FILTER_ROWS", ROWS)
-        val0, (dh0, dw0, _) = grads(h, w, y, b, None, **opts)
-        val1, (dh1, dw1, _) = grads(h, w, y, b, eps, **opts)
+        val0, g0 = grads(h, w, y, b, None, **opts)
+        val1, g1 = grads(h, w, y, b, eps, **opts)
     assert np.array_equal(val0, val1)
-    dz, unit = exact_logit_grad(h, w, y, b, opts)
-    ok = skippable_tiles(dz, unit, np.asarray(y), eps)
-    bh, bw, _ = bound(w, h, unit, ok, eps)
-    err_h = np.abs(np.asarray(dh1, np.float64) - np.asarray(dh0, np.float64))
-    err_w = np.abs(np.asarray(dw1, np.float64) - np.asarray(dw0, np.float64))
-    assert np.all(err_h <= bh + 1e-6 * np.abs(dh0).max())
-    assert np.all(err_w <= bw + 1e-6 * np.abs(dw0).max())
+    ok = check_against_exact(h, w, y, b, opts, eps, g0, g1)
+    assert ok.any()  # the reference has skippable tiles ...
+    assert np.abs(np.asarray(g1[1]) - np.asarray(g0[1])).max() > 0  # ... and they went
