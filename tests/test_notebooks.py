@@ -37,6 +37,7 @@ EXPECTED = {
     "06_distillation.ipynb",
     "07_flax_nnx_lm.ipynb",
     "08_equinox_digits.ipynb",
+    "09_post_training.ipynb",
 }
 
 
