@@ -215,3 +215,15 @@ def temp_bytes(f, *args, argnums=(0, 1)):
     """
     fn = jax.value_and_grad(f, argnums=argnums) if argnums is not None else f
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def assert_memory_fraction(ours, naive, args, *, argnums=(0, 1), factor=8, naive_at_least=0):
+    """``value_and_grad(ours)`` needs at most ``1/factor`` of ``naive``'s temporary memory.
+
+    ``naive_at_least``: the bytes the naive program must hold (e.g. its ``(N, V)``
+    logits), so that the comparison is against a program that does materialise them.
+    """
+    ours_t = temp_bytes(ours, *args, argnums=argnums)
+    naive_t = temp_bytes(naive, *args, argnums=argnums)
+    assert naive_t >= naive_at_least, (naive_t, naive_at_least)
+    assert ours_t * factor <= naive_t, (ours_t, naive_t)
