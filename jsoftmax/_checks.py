@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
+from jsoftmax import _compat
+
 
 def label_check(bad: jax.Array, labels: jax.Array, *, loss: str, expected: str) -> None:
     """Emit a debug check that no position of ``bad`` is set.
@@ -38,7 +40,8 @@ def label_check(bad: jax.Array, labels: jax.Array, *, loss: str, expected: str) 
       loss: name of the calling loss, for the message.
       expected: what a valid label is, for the message.
     """
-    bad = jnp.asarray(bad)
+    bad = _compat.unsharded(jnp.asarray(bad))
+    labels = _compat.unsharded(jnp.asarray(labels))
     if bad.size == 0:  # an empty batch has no label to check (and argmax needs one)
         return
     if bad.ndim == 0:

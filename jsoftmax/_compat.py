@@ -43,6 +43,39 @@ else:
         return lax.pvary(x, tuple(axes))
 
 
+def explicit_axes(mesh) -> tuple:
+    """The mesh axes in JAX's explicit sharding mode (``AxisType.Explicit``); () if none.
+
+    Their shardings are part of an array's type, visible at trace time.
+    """
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(mesh, "axis_types", None)
+    if axis_type is None or types is None:
+        return ()
+    return tuple(n for n, t in zip(mesh.axis_names, types, strict=True) if t == axis_type.Explicit)
+
+
+def unsharded(x: jax.Array) -> jax.Array:
+    """``x`` replicated, where its type carries an explicit sharding; else ``x`` itself.
+
+    For the small index arrays of the label checks, whose flat indexing is not defined
+    on explicitly sharded dimensions.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True) or not explicit_axes(mesh):
+        return x
+    if all(e is None for e in sharding.spec):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+    """``jax.shard_map`` with the varying-axes checks on (the library's collectives rely
+    on them to tell which cotangents to sum)."""
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
 if _JAX >= (0, 8, 2):
     isfinite = jnp.isfinite
 else:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jsoftmax import _numerics as num
@@ -233,13 +234,13 @@ def _tiles(dc, hs, ws, bs, ht, wt, bt, start, size):
     """The chunk's scaled logits ``u = z / T`` of both heads, and the student's ``z``."""
     zs = tiles._tile_logits(
         hs,
-        tiles._vocab_slice(ws, dc.s, start, size),
+        tiles._weight_chunk(ws, dc.s, start, size),
         tiles._vocab_slice(bs, dc.s, start, size),
         dc.s,
     )
     zt = tiles._tile_logits(
         ht,
-        tiles._vocab_slice(wt, dc.t, start, size),
+        tiles._weight_chunk(wt, dc.t, start, size),
         tiles._vocab_slice(bt, dc.t, start, size),
         dc.t,
     )
@@ -383,9 +384,9 @@ def _divergence_bwd(dc, res, g):
             du = (1.0 - dc.beta) * jnp.where(q > 0, q * (lq - lm - extra[:, None]), 0.0)
         dz = tiles._softcap_chain(tiles._scaled(du * g[:, None], cfg), zs, cfg)
         dz_c = dz.astype(cfg.compute_dtype)
-        w_c = tiles._vocab_slice(ws, cfg, start, size)
+        w_c = tiles._weight_chunk(ws, cfg, start, size)
         dh = dh + tiles._hidden_grad(dz_c, w_c, cfg)
-        dw_c = tiles._weight_grad(hs, dz_c, cfg).astype(dw.dtype)
+        dw_c = tiles._weight_grad_chunk(tiles._weight_grad(hs, dz_c, cfg), cfg).astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, 0).astype(db.dtype), start, 0)
@@ -420,6 +421,9 @@ class _Statics(NamedTuple):
     reduction: str
     chunk_size: int | None
     axis_name: Any
+    # Set by a placement (see _large_vocab/_sharding.py): the weights' D axes, the tokens'.
+    fsdp_axes: Any = None
+    token_axes: Any = None
 
 
 def _statics(kind, beta, temperature, weight_layout, logit_softcap, ignore_index, reduction,
@@ -445,8 +449,25 @@ def _statics(kind, beta, temperature, weight_layout, logit_softcap, ignore_index
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
     fn = "linear_jsd" if st.beta is not None else "linear_kl_divergence"
-    stu = api._check_inputs(fn, hs, ws, labels, bs, st.layout, st.axis_name, st.ignore_index)
-    tea = api._check_inputs(fn, ht, wt, None, bt, st.layout, st.axis_name, st.ignore_index)
+    pl = None if st.axis_name is not None else sharding.explicit_placement(hs, ws, st.layout, wt)
+    if pl is not None:
+        api._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
+        api._check_inputs(fn, ht, wt, None, bt, st.layout, None, st.ignore_index)
+        pl.check_divides(hs, ws, st.layout)
+        pl.check_divides(ht, wt, st.layout)
+        local = st._replace(
+            axis_name=pl.vocab_axis_name, fsdp_axes=pl.fsdp_axes, token_axes=pl.token_axes
+        )
+        tok, head, vec = pl.token_spec(), pl.head_spec(st.layout), pl.vocab_spec()
+        out = tok if st.reduction == "none" else P()
+        return sharding.place(
+            pl, functools.partial(_linear_divergence, local),
+            (hs, ws, ht, wt, labels, bs, bt, normalizer),
+            (tok, head, tok, head, tok, vec, vec, P()), out,
+        )  # fmt: skip
+    ax, fsdp = st.axis_name, st.fsdp_axes
+    stu = api._check_inputs(fn, hs, ws, labels, bs, st.layout, ax, st.ignore_index, fsdp)
+    tea = api._check_inputs(fn, ht, wt, None, bt, st.layout, ax, st.ignore_index, fsdp)
     if tea.batch_shape != stu.batch_shape:
         raise ValueError(
             f"`teacher_hidden` of shape {ht.shape} has tokens {tea.batch_shape}, but "
@@ -460,7 +481,7 @@ def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
     acc = jnp.promote_types(stu.acc, tea.acc)
     cfg_s = api._make_config(
         stu, st.layout, st.chunk_size, st.softcap, st.axis_name, need_zw=False,
-        temperature=st.temperature,
+        temperature=st.temperature, fsdp_axes=st.fsdp_axes,
     )  # fmt: skip
     cfg_s = dataclasses.replace(cfg_s, acc_dtype=jnp.dtype(acc))
     cfg_t = dataclasses.replace(cfg_s, compute_dtype=jnp.dtype(tea.compute))
@@ -483,8 +504,9 @@ def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
         per_token = jnp.where(stu.bad, jnp.nan, jnp.where(stu.keep, div, 0.0))
     if st.reduction == "none":
         return per_token.reshape(stu.batch_shape)
-    bad = False if stu.keep is None else stu.bad
-    return api._reduce(jnp.sum(per_token), base, None, st.reduction, normalizer, bad)
+    bad = jnp.zeros(base.shape, bool) if stu.keep is None else stu.bad
+    total = jnp.sum(per_token)
+    return api._reduce(total, base, None, st.reduction, normalizer, bad, st.token_axes)
 
 
 def linear_kl_divergence(
@@ -688,18 +710,31 @@ class _SparseStatics(NamedTuple):
     ignore_index: int
     reduction: str
     chunk_size: int | None
+    # Set by a placement (see _large_vocab/_sharding.py).
+    axis_name: Any = None
+    fsdp_axes: Any = None
+    token_axes: Any = None
 
 
 def _gathered_logits(h2, w, b, idx, cfg):
-    """``softcap(h·W[:, idx] + b[idx])`` per row, ``(rows, k)``, for either layout."""
-    if cfg.layout == "dv":
-        w_k = jnp.take(w, idx, axis=1).astype(cfg.compute_dtype)  # (D, rows, k)
-        z = jnp.einsum("nd,dnk->nk", h2, w_k, preferred_element_type=cfg.acc_dtype)
-    else:
-        w_k = jnp.take(w, idx, axis=0).astype(cfg.compute_dtype)  # (rows, k, D)
-        z = jnp.einsum("nd,nkd->nk", h2, w_k, preferred_element_type=cfg.acc_dtype)
+    """``softcap(h·W[:, idx] + b[idx])`` per row, ``(rows, k)``, for either layout.
+
+    Vocab-parallel (``cfg.axis_name``): each shard adds the entries it holds, one
+    ``psum`` sums them.
+    """
+    v_local = w.shape[cfg.vocab_axis]
+    own = None
+    if cfg.axis_name is not None:
+        idx = idx - sharding._shard_offset(cfg, v_local)
+        own = (idx >= 0) & (idx < v_local)
+        idx = jnp.clip(idx, 0, v_local - 1)
+    w_k = jnp.take(w, idx, axis=cfg.vocab_axis).astype(cfg.compute_dtype)
+    spec = "nd,dnk->nk" if cfg.layout == "dv" else "nd,nkd->nk"
+    z = jnp.einsum(spec, h2, w_k, preferred_element_type=cfg.acc_dtype)
     if b is not None:
         z = z + jnp.take(b, idx).astype(cfg.acc_dtype)
+    if own is not None:
+        z = lax.psum(jnp.where(own, z, 0.0), cfg.axis_name)
     if cfg.softcap is not None:
         z = cfg.softcap * jnp.tanh(z / cfg.softcap)
     return z
@@ -708,7 +743,28 @@ def _gathered_logits(h2, w, b, idx, cfg):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, normalizer):
     fn = "linear_topk_kl_divergence"
-    stu = api._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
+    pl = sharding.explicit_placement(hs, ws, st.layout) if st.token_axes is None else None
+    if pl is not None:
+        api._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
+        pl.check_divides(hs, ws, st.layout)
+        if pl.fsdp:
+            raise ValueError(
+                f"linear_topk_kl_divergence with `student_weight` sharded on D (mesh axes "
+                f"{pl.fsdp}) is not supported: the teacher's k entries per token would need "
+                "whole columns of the weight. Shard it on the vocabulary or replicate it."
+            )
+        local = st._replace(
+            axis_name=pl.vocab_axis_name, fsdp_axes=pl.fsdp_axes, token_axes=pl.token_axes
+        )
+        tok = pl.token_spec()
+        out = tok if st.reduction == "none" else P()
+        return sharding.place(
+            pl, functools.partial(_linear_topk_kl, local),
+            (hs, ws, teacher_logprobs, teacher_indices, labels, bs, normalizer),
+            (tok, pl.head_spec(st.layout), tok, tok, tok, pl.vocab_spec(), P()), out,
+        )  # fmt: skip
+    ax = st.axis_name
+    stu = api._check_inputs(fn, hs, ws, labels, bs, st.layout, ax, st.ignore_index, st.fsdp_axes)
     lp = check.float_array(teacher_logprobs, "teacher_logprobs")
     if lp.ndim != len(stu.batch_shape) + 1 or lp.shape[:-1] != stu.batch_shape:
         raise ValueError(
@@ -718,8 +774,8 @@ def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, n
     idx = check.widen_labels(check.integer_labels(teacher_indices, lp.shape, "teacher_indices"))
     n_rows, k = stu.h2.shape[0], lp.shape[-1]
     cfg = api._make_config(
-        stu, st.layout, st.chunk_size, st.softcap, None, need_zw=False,
-        temperature=st.temperature,
+        stu, st.layout, st.chunk_size, st.softcap, st.axis_name, need_zw=False,
+        temperature=st.temperature, fsdp_axes=st.fsdp_axes,
     )  # fmt: skip
     acc = cfg.acc_dtype
     h2 = stu.h2.astype(cfg.compute_dtype)
@@ -750,7 +806,8 @@ def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, n
     per_token = jnp.where(bad, jnp.nan, jnp.where(keep, div, 0.0))
     if st.reduction == "none":
         return per_token.reshape(stu.batch_shape)
-    return api._reduce(jnp.sum(per_token), keep.astype(acc), None, st.reduction, normalizer, bad)
+    total = jnp.sum(per_token)
+    return api._reduce(total, keep.astype(acc), None, st.reduction, normalizer, bad, st.token_axes)
 
 
 def linear_topk_kl_divergence(

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jsoftmax import _impl
@@ -24,7 +25,13 @@ from jsoftmax._checks import label_check
 from jsoftmax._large_vocab import _filter
 from jsoftmax._large_vocab._core import _stats
 from jsoftmax._large_vocab._filter import _filter_option
-from jsoftmax._large_vocab._sharding import _axis, _label_weights, _vma
+from jsoftmax._large_vocab._sharding import (
+    _axis,
+    _label_weights,
+    _vma,
+    explicit_placement,
+    place,
+)
 from jsoftmax._large_vocab._softmax_stats import SoftmaxStats, _finish_stats
 from jsoftmax._large_vocab._tiles import _Config, _default_chunk
 
@@ -252,10 +259,24 @@ class _StatsStatics(NamedTuple):
     axis_name: Any
     filter_eps: float | str | None = None
     filter_rows: int = 0
+    fsdp_axes: Any = None  # set by a placement (see _sharding.Placement)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias, vocab_order):
+    pl = None if st.axis_name is not None else explicit_placement(hidden, linear_weight, st.layout)
+    if pl is not None:
+        _check_inputs(
+            "linear_softmax_stats", hidden, linear_weight, labels, linear_bias, st.layout,
+            None, st.ignore_index, order_given=vocab_order is not None,
+        )  # fmt: skip
+        pl.check_divides(hidden, linear_weight, st.layout)
+        local = st._replace(axis_name=pl.vocab_axis_name, fsdp_axes=pl.fsdp_axes)
+        args = (hidden, linear_weight, labels, linear_bias, vocab_order)
+        bias_spec = P() if vocab_order is not None else pl.vocab_spec()
+        in_specs = (pl.token_spec(), pl.head_spec(st.layout), pl.token_spec(), bias_spec, P())
+        fn = functools.partial(_linear_softmax_stats, local)
+        return place(pl, fn, args, in_specs, pl.token_spec())
     order = None
     if vocab_order is not None:
         order, labels, linear_bias, _ = _reorder(
@@ -264,14 +285,14 @@ def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias, vocab_
         )  # fmt: skip
     inp = _check_inputs(
         "linear_softmax_stats", hidden, linear_weight, labels, linear_bias, st.layout,
-        st.axis_name, st.ignore_index,
+        st.axis_name, st.ignore_index, fsdp_axes=st.fsdp_axes,
     )  # fmt: skip
     if st.top_k > inp.n_vocab:
         raise ValueError(f"`top_k`={st.top_k} is larger than the vocabulary ({inp.n_vocab}).")
     cfg = _make_config(
         inp, st.layout, st.chunk_size, st.softcap, st.axis_name, need_zw=False,
         temperature=st.temperature, need_entropy=True, need_argmax=True, top_k=st.top_k,
-        filter_eps=st.filter_eps, filter_rows=st.filter_rows,
+        filter_eps=st.filter_eps, filter_rows=st.filter_rows, fsdp_axes=st.fsdp_axes,
     )  # fmt: skip
     h2 = inp.h2.astype(cfg.compute_dtype)
     core = _stats(cfg, h2, inp.linear_weight, inp.linear_bias, None, inp.y)
@@ -481,6 +502,9 @@ class _Statics(NamedTuple):
     top_k: int = 0
     filter_eps: float | str | None = None
     filter_rows: int = 0
+    # Set by a placement (see _sharding.Placement): the weight's D axes, the tokens' axes.
+    fsdp_axes: Any = None
+    token_axes: Any = None
 
 
 class _Inputs(NamedTuple):
@@ -499,8 +523,15 @@ class _Inputs(NamedTuple):
     acc: Any
 
 
-def _check_inputs(fn, hidden, linear_weight, labels, linear_bias, layout, axis_name, ignore_index):
-    """Shapes, dtypes, the mesh axis and the labels of a call, checked at trace time."""
+def _check_inputs(
+    fn, hidden, linear_weight, labels, linear_bias, layout, axis_name, ignore_index,
+    fsdp_axes=None, order_given=False,
+):  # fmt: skip
+    """Shapes, dtypes, the mesh axis and the labels of a call, checked at trace time.
+
+    ``fsdp_axes``: the weight holds a ``D``-slice per device (a placement's FSDP);
+    ``order_given``: labels are caller ids of a ``vocab_order`` (checked after reordering).
+    """
     hidden = check.float_array(hidden, "hidden")
     linear_weight = check.float_array(linear_weight, "linear_weight")
     if hidden.ndim < 1:
@@ -509,6 +540,8 @@ def _check_inputs(fn, hidden, linear_weight, labels, linear_bias, layout, axis_n
         raise ValueError(f"`linear_weight` must be 2-D, got shape {linear_weight.shape}.")
     d_model = hidden.shape[-1]
     v_local, d_weight = linear_weight.shape[::-1] if layout == "dv" else linear_weight.shape
+    if fsdp_axes is not None:
+        d_weight = d_weight * lax.axis_size(fsdp_axes)
     if d_weight != d_model:
         expected = f"({d_model}, V)" if layout == "dv" else f"(V, {d_model})"
         raise ValueError(
@@ -548,7 +581,7 @@ def _check_inputs(fn, hidden, linear_weight, labels, linear_bias, layout, axis_n
         bad = valid & ((y < 0) | (y >= n_vocab))
         keep = valid & ~bad
         # checkify cannot carry errors out of shard_map.
-        if axis_name is None:
+        if axis_name is None and fsdp_axes is None and not order_given:
             label_check(
                 bad.reshape(batch_shape), labels, loss=fn,
                 expected=f"0 <= label < {n_vocab} or label == ignore_index ({ignore_index})",
@@ -559,8 +592,9 @@ def _check_inputs(fn, hidden, linear_weight, labels, linear_bias, layout, axis_n
 
 
 def _make_config(
-    inp, layout, chunk_size, softcap, axis_name, filter_eps=None, filter_rows=0, **stats
-):
+    inp, layout, chunk_size, softcap, axis_name, filter_eps=None, filter_rows=0,
+    fsdp_axes=None, **stats,
+):  # fmt: skip
     n_rows = inp.h2.shape[0]
     eps = check.filter_eps(filter_eps, inp.compute)
     chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, inp.v_local)
@@ -571,6 +605,7 @@ def _make_config(
         chunk=min(int(chunk), inp.v_local),
         softcap=softcap,
         axis_name=axis_name,
+        fsdp_axes=fsdp_axes,
         compute_dtype=jnp.dtype(inp.compute),
         acc_dtype=jnp.dtype(inp.acc),
         **stats,
@@ -583,7 +618,14 @@ def _linear_cross_entropy(
     vocab_order=None,
 ):  # fmt: skip
     (weight_layout, ignore_index, eps, lam, softcap, reduction, chunk_size, impl, axis_name,
-     return_lse, return_stats, top_k, filter_eps, filter_rows) = st  # fmt: skip
+     return_lse, return_stats, top_k, filter_eps, filter_rows, fsdp_axes,
+     token_axes) = st  # fmt: skip
+    pl = None if axis_name is not None else explicit_placement(hidden, linear_weight, weight_layout)
+    if pl is not None:
+        return _placed_cross_entropy(
+            pl, st, hidden, linear_weight, labels, linear_bias, weight, sample_weight,
+            normalizer, vocab_order,
+        )  # fmt: skip
     order = None
     if vocab_order is not None:
         order, labels, linear_bias, weight = _reorder(
@@ -592,7 +634,7 @@ def _linear_cross_entropy(
         )  # fmt: skip
     inp = _check_inputs(
         "linear_cross_entropy", hidden, linear_weight, labels, linear_bias, weight_layout,
-        axis_name, ignore_index,
+        axis_name, ignore_index, fsdp_axes=fsdp_axes,
     )  # fmt: skip
     h2, linear_weight, linear_bias, y, keep, bad, batch_shape, v_local, n_vocab, _, acc = inp
     if top_k > n_vocab:
@@ -611,7 +653,7 @@ def _linear_cross_entropy(
             return _pallas_route(
                 h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape,
                 weight_layout, ignore_index, eps, lam, softcap, reduction, normalizer,
-                chunk_size, acc, filter_eps,
+                chunk_size, acc, filter_eps, token_axes,
             )  # fmt: skip
 
         if impl == "pallas":
@@ -624,7 +666,7 @@ def _linear_cross_entropy(
     cfg = _make_config(
         inp, weight_layout, chunk_size, softcap, axis_name, need_zw=eps > 0,
         need_entropy=return_stats, need_argmax=return_stats, top_k=top_k,
-        filter_eps=filter_eps, filter_rows=filter_rows,
+        filter_eps=filter_eps, filter_rows=filter_rows, fsdp_axes=fsdp_axes,
     )  # fmt: skip
     h2 = h2.astype(cfg.compute_dtype)
 
@@ -659,7 +701,7 @@ def _linear_cross_entropy(
     if reduction == "none":
         loss = per_token.reshape(batch_shape)
     else:
-        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer, bad)
+        loss = _reduce(jnp.sum(per_token), base, w_y, reduction, normalizer, bad, token_axes)
     if return_lse:
         return loss, lse_out.reshape(batch_shape)
     if return_stats:
@@ -670,20 +712,70 @@ def _linear_cross_entropy(
 _poison_cotangent = num.poison_cotangent
 
 
-def _reduce(total, base, w_y, reduction, normalizer, bad):
+def _reduce(total, base, w_y, reduction, normalizer, bad, token_axes=None):
+    """``"sum"``/``"mean"`` of the per-token losses; over every shard of ``token_axes``."""
+    total = _over_tokens(total, token_axes)
     if reduction == "sum":
         return total
     den = None
     if normalizer is None:
-        den = jnp.sum(base if w_y is None else base * w_y)
+        den = _over_tokens(jnp.sum(base if w_y is None else base * w_y), token_axes)
+        any_bad = _over_tokens(jnp.sum(bad.astype(jnp.int32)), token_axes) > 0
         # A batch of nothing but bad labels is NaN, not the empty batch's 0.
-        den = jnp.where((den == 0) & jnp.any(bad), jnp.nan, den)
+        den = jnp.where((den == 0) & any_bad, jnp.nan, den)
     return num.mean_of(total, den, normalizer)
+
+
+def _over_tokens(x, token_axes):
+    """``x`` summed over the token shards of a placement (the identity without one)."""
+    return x if token_axes is None else lax.psum(x, token_axes)
+
+
+def _placed_cross_entropy(
+    pl, st, hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer,
+    vocab_order,
+):  # fmt: skip
+    """``linear_cross_entropy`` on explicitly sharded inputs, one shard per device.
+
+    The vocabulary axes become ``axis_name`` (vocab-parallel), the weight's ``D`` axes
+    gather one chunk at a time, and the reduction sums over the token axes.
+    """
+    _check_inputs(
+        "linear_cross_entropy", hidden, linear_weight, labels, linear_bias, st.layout, None,
+        st.ignore_index, order_given=vocab_order is not None,
+    )  # fmt: skip
+    pl.check_divides(hidden, linear_weight, st.layout)
+    if st.impl == "pallas" and pl.vocab:
+        raise ValueError(_PALLAS_VOCAB_SHARDED.format(axes=pl.vocab))
+    local = st._replace(
+        axis_name=pl.vocab_axis_name, fsdp_axes=pl.fsdp_axes, token_axes=pl.token_axes
+    )
+    if sample_weight is not None:
+        sample_weight = jnp.broadcast_to(sample_weight, jnp.shape(labels))
+    args = (
+        hidden, linear_weight, labels, linear_bias, weight, sample_weight, normalizer,
+        vocab_order,
+    )  # fmt: skip
+    bias_spec = P() if vocab_order is not None else pl.vocab_spec()
+    tok = pl.token_spec()
+    in_specs = (tok, pl.head_spec(st.layout), tok, bias_spec, P(), tok, P(), P())
+    out = tok if st.reduction == "none" else P()
+    if st.return_lse or st.return_stats:
+        out = (out, tok)
+    return place(pl, functools.partial(_linear_cross_entropy, local), args, in_specs, out)
+
+
+_PALLAS_VOCAB_SHARDED = (
+    "impl='pallas' with `linear_weight` sharded on the vocabulary (mesh axes {axes}): the "
+    "kernels have no cross-shard logsumexp. Use impl='xla' (vocab-parallel, no gather), or "
+    "shard the head on D or replicate it (the kernels then run on each token shard)."
+)
 
 
 def _pallas_route(
     h2, linear_weight, y, linear_bias, weight, sw, keep, bad, batch_shape, layout,
     ignore_index, eps, lam, softcap, reduction, normalizer, chunk_size, acc, filter_eps=None,
+    token_axes=None,
 ):  # fmt: skip
     """The loss from ``jsoftmax.kernels``; class/sample weights and the reduction here.
 
@@ -714,10 +806,10 @@ def _pallas_route(
         per_token = jnp.where(bad, jnp.nan, jnp.where(keep, per_row * weight_i, 0.0))
         return per_token.reshape(batch_shape)
     if reduction == "mean":
-        den = None if normalizer is not None else jnp.sum(weight_i)
+        den = None if normalizer is not None else _over_tokens(jnp.sum(weight_i), token_axes)
         weight_i = num.mean_of(weight_i, den, normalizer)
     row_weight = jnp.where(bad, jnp.nan, weight_i)
     loss = kernels.linear_cross_entropy(
         h2, linear_weight, y, sample_weight=row_weight, reduction="sum", **kw
     )
-    return loss.astype(acc)
+    return _over_tokens(loss.astype(acc), token_axes)

@@ -41,7 +41,9 @@ from jsoftmax._large_vocab._tiles import (
     _softcap_chain,
     _tile_logits,
     _vocab_slice,
+    _weight_chunk,
     _weight_grad,
+    _weight_grad_chunk,
 )
 
 # Index of a top-k slot that no vocabulary entry has filled yet: larger than every real
@@ -89,7 +91,7 @@ def _core_forward(cfg, h, w, b, cw, y, row_max=False):
     def body(carry, start, size):
         m, s, zy, zw, t, am, tz, ti, rm = carry
         z = _tile_logits(
-            h, _vocab_slice(w, cfg, start, size), _vocab_slice(b, cfg, start, size), cfg
+            h, _weight_chunk(w, cfg, start, size), _vocab_slice(b, cfg, start, size), cfg
         )
         if y is not None:
             zy = zy + jnp.sum(jnp.where(_label_hits(y_local, start, size), z, 0.0), axis=1)
@@ -205,14 +207,14 @@ def _stats_bwd(cfg, res, cts):
 
     def body(carry, start, size):
         dh, dw, db, dcw = carry
-        w_c = _vocab_slice(w, cfg, start, size)
+        w_c = _weight_chunk(w, cfg, start, size)
         cw_c = _vocab_slice(cw, cfg, start, size) if cfg.need_zw else None
         z, dz = tile(slice(None), start, size, w_c, _vocab_slice(b, cfg, start, size), cw_c)
         if dcw is not None and cfg.need_zw:
             dcw = lax.dynamic_update_slice_in_dim(dcw, (cts.zw @ z).astype(dcw.dtype), start, 0)
         dz_c = dz.astype(cfg.compute_dtype)
         dh = dh + _hidden_grad(dz_c, w_c, cfg)
-        dw_c = _weight_grad(h, dz_c, cfg).astype(dw.dtype)
+        dw_c = _weight_grad_chunk(_weight_grad(h, dz_c, cfg), cfg).astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, 0).astype(db.dtype), start, 0)

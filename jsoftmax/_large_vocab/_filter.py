@@ -17,7 +17,14 @@ from jax import lax
 
 from jsoftmax import _validate as check
 from jsoftmax._large_vocab._sharding import _as_varying
-from jsoftmax._large_vocab._tiles import _hidden_grad, _loop, _vocab_slice, _weight_grad
+from jsoftmax._large_vocab._tiles import (
+    _hidden_grad,
+    _loop,
+    _vocab_slice,
+    _weight_chunk,
+    _weight_grad,
+    _weight_grad_chunk,
+)
 
 # Tokens per row block of a filtered backward tile: each (rows, chunk) block of the
 # logits gradient decides on its own whether its d_hidden/d_weight matmuls run. Smaller
@@ -150,7 +157,7 @@ def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
 
     def body(carry, start, size):
         dh_blocks, dw, db, dcw = carry
-        w_c = _vocab_slice(w, cfg, start, size)
+        w_c = _weight_chunk(w, cfg, start, size)
         b_c = _vocab_slice(b, cfg, start, size)
         cw_c = _vocab_slice(cw, cfg, start, size) if cfg.need_zw else None
         d_shape = (h.shape[1], size) if cfg.layout == "dv" else (size, h.shape[1])
@@ -211,6 +218,7 @@ def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
         else:
             state = tiled(*state)
         dh_blocks, dw_c, db_c, dcw_c = state
+        dw_c = _weight_grad_chunk(dw_c, cfg)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), start, 0)

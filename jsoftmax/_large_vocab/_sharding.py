@@ -11,9 +11,13 @@ cotangents need a ``psum`` is read from shard_map's varying-axes types
 
 from __future__ import annotations
 
+import math
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _compat
 from jsoftmax._large_vocab._tiles import _rescale
@@ -107,3 +111,148 @@ def _label_weights(cw, y, keep, cfg):
     here = keep & (y_local >= 0) & (y_local < v_local)
     w_y = jnp.where(here, cw[jnp.clip(y_local, 0, v_local - 1)], 0.0).astype(cfg.acc_dtype)
     return lax.psum(w_y, cfg.axis_name)
+
+
+# ------------------------------------------- placement under jax.jit with sharded inputs
+
+
+def _entry_axes(entry) -> tuple:
+    """The mesh axes of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+
+
+def _joined(axes: tuple):
+    """A tuple of mesh axes as one spec entry / ``axis_name``: ``None`` when empty."""
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+class Placement(NamedTuple):
+    """How the library runs a fused function on sharded inputs, one shard per device.
+
+    ``tokens`` are the spec entries of the token dimensions (``hidden.shape[:-1]``),
+    ``vocab`` the mesh axes of the weight's vocabulary dimension (the vocab-parallel
+    ``axis_name``), ``fsdp`` those of its ``D`` dimension (chunks gathered on use).
+    """
+
+    mesh: Any
+    tokens: tuple
+    vocab: tuple
+    fsdp: tuple
+
+    @property
+    def vocab_axis_name(self):
+        return _joined(self.vocab)
+
+    @property
+    def fsdp_axes(self):
+        return _joined(self.fsdp)
+
+    @property
+    def token_axes(self):
+        return _joined(tuple(a for e in self.tokens for a in _entry_axes(e)))
+
+    def token_spec(self, extra: int = 0) -> P:
+        """The spec of a per-token array with ``extra`` trailing unsharded dimensions."""
+        return P(*self.tokens, *([None] * extra))
+
+    def head_spec(self, layout: str) -> P:
+        d, v = _joined(self.fsdp), _joined(self.vocab)
+        return P(d, v) if layout == "dv" else P(v, d)
+
+    def vocab_spec(self) -> P:
+        return P(_joined(self.vocab))
+
+    def size(self, axes) -> int:
+        """The number of shards over mesh ``axes`` (a spec entry)."""
+        return math.prod(self.mesh.shape[a] for a in _entry_axes(axes))
+
+    def check_divides(self, hidden, linear_weight, layout: str) -> None:
+        """A clear error where a mesh axis does not divide the dimension it shards."""
+        vocab_dim = 1 if layout == "dv" else 0
+        dims = [("the vocabulary of `linear_weight`", linear_weight.shape[vocab_dim], self.vocab)]
+        dims.append(("`linear_weight`'s D", linear_weight.shape[1 - vocab_dim], self.fsdp))
+        for i, entry in enumerate(self.tokens):
+            dims.append((f"dimension {i} of `hidden`", hidden.shape[i], _entry_axes(entry)))
+        for what, n, axes in dims:
+            if axes and n % self.size(axes):
+                raise ValueError(
+                    f"{what} ({n}) is not divisible by its mesh axes {axes} "
+                    f"({self.size(axes)} shards): each device must hold an equal slice."
+                )
+
+
+def _explicit_mesh(x):
+    """The mesh of ``x``'s type where it has explicit axes, else ``None``."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True) or not _compat.explicit_axes(mesh):
+        return None
+    return mesh
+
+
+def _explicit_spec(x) -> tuple | None:
+    """``x``'s partition spec where its sharding is explicit at trace time, else ``None``.
+
+    In JAX's explicit sharding mode (mesh axes of ``AxisType.Explicit``) an array's type
+    carries its sharding; in the default auto mode, and inside ``shard_map`` (manual
+    axes), it does not, and the partitioner decides later.
+    """
+    mesh = None if x is None else _explicit_mesh(x)
+    if mesh is None:
+        return None
+    sharding = jax.typeof(x).sharding
+    explicit = set(_compat.explicit_axes(mesh))
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    if not any(a in explicit for e in spec for a in _entry_axes(e)):
+        return None
+    return spec
+
+
+def explicit_placement(hidden, linear_weight, layout: str, *others) -> Placement | None:
+    """The placement of a call whose inputs are sharded in explicit mode, or ``None``.
+
+    ``None`` (nothing to place) when neither ``hidden``, ``linear_weight`` nor ``others``
+    (a second head's inputs) carries an explicit sharding. A mesh axis that shards both
+    the tokens and the vocabulary would mix different tokens in the vocab-parallel
+    sums, so the tokens are gathered over it (the hidden states are the small operand).
+    """
+    inputs = (hidden, linear_weight, *others)
+    specs = [_explicit_spec(x) for x in inputs]
+    if all(s is None for s in specs):
+        return None
+    mesh = next(jax.typeof(x).sharding.mesh for x, s in zip(inputs, specs, strict=True) if s)
+    h_spec = specs[0] or (None,) * jnp.ndim(hidden)
+    w_spec = specs[1] or (None, None)
+    vocab_dim = 1 if layout == "dv" else 0
+    vocab = _entry_axes(w_spec[vocab_dim])
+    fsdp = _entry_axes(w_spec[1 - vocab_dim])
+    tokens = tuple(_joined(tuple(a for a in _entry_axes(e) if a not in vocab)) for e in h_spec[:-1])
+    return Placement(mesh, tokens, vocab, fsdp)
+
+
+def place(pl: Placement, fn, args: tuple, in_specs: tuple, out_specs):
+    """``fn(*args)`` run per shard under ``jax.shard_map`` on ``pl.mesh``.
+
+    ``None`` arguments are closed over (shard_map takes arrays only); ``in_specs`` has
+    one entry per argument.
+    """
+    live = [i for i, a in enumerate(args) if a is not None]
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(live, xs, strict=True):
+            full[i] = x
+        return fn(*full)
+
+    specs = tuple(in_specs[i] for i in live)
+    # Explicitly sharded inputs must already have shard_map's specs: move those that do
+    # not (the partitioner's cheapest collective; e.g. tokens off a vocabulary axis).
+    xs = [
+        args[i] if _explicit_mesh(args[i]) is None else jax.sharding.reshard(args[i], spec)
+        for i, spec in zip(live, specs, strict=True)
+    ]
+    return _compat.shard_map(local, mesh=pl.mesh, in_specs=specs, out_specs=out_specs)(*xs)

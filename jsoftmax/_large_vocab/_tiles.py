@@ -42,10 +42,18 @@ class _Config:
     # Gradient filtering (backward only): threshold and rows per filtered tile.
     filter_eps: float | None = None
     filter_rows: int = 0
+    # Mesh axes over which the weight's D dimension is sharded (FSDP), inside a
+    # shard_map the library placed itself: each chunk is all-gathered on use and its
+    # gradient reduce-scattered back, so no more than one chunk of the head is whole.
+    fsdp_axes: Any = None
 
     @property
     def vocab_axis(self) -> int:
         return 1 if self.layout == "dv" else 0
+
+    @property
+    def model_axis(self) -> int:
+        return 0 if self.layout == "dv" else 1
 
 
 def _vocab_slice(arr, cfg, start, size):
@@ -56,6 +64,29 @@ def _vocab_slice(arr, cfg, start, size):
     if isinstance(start, int) and start == 0 and size == arr.shape[axis]:
         return arr
     return lax.dynamic_slice_in_dim(arr, start, size, axis)
+
+
+def _weight_chunk(w, cfg, start, size):
+    """The weight's chunk ``[start, start + size)`` with its whole D dimension.
+
+    Under FSDP (``cfg.fsdp_axes``) this device holds a D-slice: the chunk is
+    all-gathered over those axes, one ``(D, chunk)`` block at a time.
+    """
+    w_c = _vocab_slice(w, cfg, start, size)
+    if cfg.fsdp_axes is None:
+        return w_c
+    return lax.all_gather(w_c, cfg.fsdp_axes, axis=cfg.model_axis, tiled=True)
+
+
+def _weight_grad_chunk(dw_c, cfg):
+    """A chunk's whole-D weight gradient, brought back to this device's D-slice.
+
+    Under FSDP the tokens of every device reach every D-slice: one reduce-scatter sums
+    the devices' contributions and leaves each its own slice (the FSDP backward).
+    """
+    if cfg.fsdp_axes is None:
+        return dw_c
+    return lax.psum_scatter(dw_c, cfg.fsdp_axes, scatter_dimension=cfg.model_axis, tiled=True)
 
 
 def _tile_logits(h, w, b, cfg):
