@@ -371,6 +371,50 @@ def test_grpo_matches_reference(name):
     check_value_and_grad(ours, reference, (lp, old, adv, ref))
 
 
+def test_grpo_at_ratio_one_is_the_policy_gradient():
+    # old_logps = stop_gradient(logps): ρ = 1 and ∂loss/∂logp_it = -A_i·m_it / N (DAPO),
+    # -A_i·m_it / (B·n_i) (GRPO), REINFORCE with a baseline.
+    lp, _, adv, mask, _ = grpo_inputs(seed=16)
+    n_i = mask.sum(1, keepdims=True)
+    for loss_type, want in (
+        ("dapo", -adv[:, None] * mask / mask.sum()),
+        ("grpo", -adv[:, None] * mask / (mask.shape[0] * n_i)),
+    ):
+        g = jax.grad(lambda lp, lt=loss_type: jsm.grpo_loss(lp, jax.lax.stop_gradient(lp), adv,
+                                                            mask, loss_type=lt))(lp)  # fmt: skip
+        np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-9)
+
+
+def test_dapo_normalizer_makes_micro_batches_exact():
+    # Two micro-batches, each divided by the step's total token count, sum to the
+    # full batch's DAPO loss (and gradient); their own local means would not.
+    lp, old, adv, mask, ref = grpo_inputs(seed=17, b=6)
+    total = float(mask.sum())
+
+    def full(lp):
+        return jsm.grpo_loss(lp, old, adv, mask, ref_logps=ref, beta=0.1)
+
+    def micro(lp, normalizer):
+        parts = [slice(0, 2), slice(2, 6)]
+        return sum(jsm.grpo_loss(lp[s], old[s], adv[s], mask[s], ref_logps=ref[s], beta=0.1,
+                                 normalizer=normalizer) for s in parts)  # fmt: skip
+
+    v_full, g_full = jax.value_and_grad(full)(lp)
+    v_micro, g_micro = jax.value_and_grad(micro)(lp, total)
+    np.testing.assert_allclose(v_micro, v_full, rtol=1e-6)
+    np.testing.assert_allclose(g_micro, g_full, rtol=1e-6, atol=1e-9)
+    assert abs(float(micro(lp, None)) - float(v_full)) > 1e-3 * abs(float(v_full))
+
+
+def test_robust_and_sigmoid_agree_without_smoothing():
+    args = pairs(np.random.default_rng(18))
+    np.testing.assert_allclose(
+        jsm.dpo_loss(*args, loss_type="robust", reduction="none"),
+        jsm.dpo_loss(*args, loss_type="sigmoid", reduction="none"),
+        rtol=1e-7,
+    )
+
+
 def test_grpo_per_token_advantages_and_float_mask():
     lp, old, _, mask, ref = grpo_inputs(seed=6)
     adv = np.random.default_rng(7).normal(size=lp.shape).astype(np.float32)
