@@ -1,8 +1,11 @@
 """The ``jsoftmax`` command line: ``--help``, ``demo``, ``bench`` and ``doctor``.
 
-End-to-end checks run ``python -m jsoftmax ...`` in a subprocess (as a user would, one
-CPU device); the table/formatting helpers are also tested in-process with hand-made
-inputs so that their exact output is pinned.
+End-to-end checks of ``bench`` and ``doctor`` run ``python -m jsoftmax ...`` in a
+subprocess (as a user would, one CPU device), and the installed console script's
+``--help`` once; ``--help`` and the tiny ``demo`` run in-process through ``_cli.main``
+(argument parsing to results, without a second interpreter's start-up and compiles). The
+table/formatting helpers are tested with hand-made inputs so that their exact output is
+pinned.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from jsoftmax import _bench, _cli, _demo, _doctor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Hidden demo knobs that keep a run to a few seconds: 2 epochs of a 16-unit MLP.
-TINY_DEMO = ["demo", "--epochs", "2", "--hidden", "16", "--no-progress"]
+# Hidden demo knobs that keep a run to a few seconds: 1 epoch of a 16-unit MLP.
+TINY_DEMO = ["demo", "--epochs", "1", "--hidden", "16", "--no-progress"]
 
 
 def _env():
@@ -53,27 +56,32 @@ def run_cli(*args, check=True, timeout=300):
 # ------------------------------------------------------------------------ --help
 
 
-def test_help_lists_subcommands():
-    out = run_cli("--help").stdout
+def help_of(argv, capsys):
+    """``jsoftmax <argv>`` in-process: (exit status, stdout); argparse exits on --help."""
+    try:
+        status = _cli.main(argv)
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().out
+
+
+def test_help_lists_subcommands_and_hides_test_knobs(capsys):
+    status, out = help_of(["--help"], capsys)
+    assert status == 0 and "usage: jsoftmax" in out
     for cmd in ("demo", "bench", "doctor"):
         assert cmd in out
-    assert "usage: jsoftmax" in out
-
-
-def test_no_subcommand_prints_help_and_fails():
-    proc = run_cli(check=False)
-    assert proc.returncode == 2
-    assert "usage: jsoftmax" in proc.stdout
-
-
-def test_subcommand_help_hides_test_knobs():
-    out = run_cli("demo", "--help").stdout
+    # No subcommand: the help, and the usage-error status.
+    status, out = help_of([], capsys)
+    assert status == 2 and "usage: jsoftmax" in out
+    status, out = help_of(["demo", "--help"], capsys)
+    assert status == 0
     assert "--seed" in out and "--epochs" in out
     assert "--hidden" not in out and "--n-max" not in out
 
 
 def test_console_script_installed():
-    # `pip install` (the README's install step) puts the entry point beside the interpreter.
+    # `pip install` (the README's install step) puts the entry point beside the interpreter;
+    # the one subprocess --help check: the installed script as a user runs it.
     script = pathlib.Path(sys.executable).parent / "jsoftmax"
     assert script.exists(), f"no console script at {script}: is jsoftmax pip-installed?"
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=_env())
@@ -144,24 +152,15 @@ def test_format_table():
     assert lines[2].split() == ["plain", "0.800", "0.790", "0.025", "(9)", "0.123", "0.050", "1.50"]
 
 
-def test_demo_tiny_is_deterministic(tmp_path):
+def test_demo_tiny_is_deterministic(tmp_path, capsys):
+    # In-process, twice (the second run reuses the compilations): same table, same JSON.
     j1, j2 = tmp_path / "a.json", tmp_path / "b.json"
-    # Two independent processes, started together (compilation dominates; 2 cores).
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "jsoftmax", *TINY_DEMO, "--seed", "1", "--json", str(j)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-            cwd=ROOT,
-        )
-        for j in (j1, j2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, f"demo exited {p.returncode}\n{out}\n{err}"
-    out1, out2 = outs[0][0], outs[1][0]
+    outs = []
+    for j in (j1, j2):
+        assert _cli.main([*TINY_DEMO, "--seed", "1", "--json", str(j)]) == 0
+        out = capsys.readouterr().out
+        outs.append("\n".join(ln for ln in out.splitlines() if not ln.startswith("finished in")))
+    out1, out2 = outs
     assert out1 == out2
     assert "worst rec." in out1 and "seed 1" in out1
     r1, r2 = json.loads(j1.read_text()), json.loads(j2.read_text())

@@ -13,6 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _references import (
+    assert_memory_fraction,
+    np_cross_entropy,
+    ref_cross_entropy,
+    rel_err,
+    sum_tol,
+)
 
 import jsoftmax as jsm
 from jsoftmax import _compat
@@ -44,11 +51,6 @@ def naive_stats(h, w, labels=None, *, layout="dv", bias=None, temperature=1.0, s
     if top_k:
         out["topk_logprobs"], out["topk_indices"] = jax.lax.top_k(lp, top_k)
     return out
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def _grid(n_cases=6, seed=7):
@@ -277,24 +279,44 @@ def test_return_stats_from_the_loss_sweep(rng):
     compiled = fwd.lower(h, w).compile()
     assert _while_count(compiled.as_text()) == 1, _while_count(compiled.as_text())
     loss, s = compiled(h, w)
-    np.testing.assert_allclose(loss, jsm.linear_cross_entropy(h, w, y, **kw), rtol=1e-6)
-    ref = stats_fn(h, w, y, top_k=3, logit_softcap=5.0, chunk_size=16)
+    # Against float64 references on the materialised logits (jax.nn / numpy), not against
+    # the library's other entry points.
+    with _compat.enable_x64(True):
+        h64, w64 = np.asarray(h, np.float64), np.asarray(w, np.float64)
+        ref = jax.tree.map(np.asarray, naive_stats(h64, w64, y, softcap=5.0, top_k=3))
+        zc = 5.0 * np.tanh(h64 @ w64 / 5.0)
+        ref_loss, _ = np_cross_entropy(zc, y, label_smoothing=0.1, z_loss=1e-3)
+
+        def combined_ref(h, w):
+            r = naive_stats(h, w, y, softcap=5.0, top_k=3)
+            zc = 5.0 * jnp.tanh(h @ w / 5.0)
+            loss = ref_cross_entropy(zc, y, label_smoothing=0.1, z_loss=1e-3)
+            return loss + 0.1 * jnp.sum(r["entropy"]) - 0.2 * jnp.sum(r["topk_logprobs"][:, 0])
+
+        rg = jax.grad(combined_ref, (0, 1))(h64, w64)
+    # float32 accumulation of a D-term matmul and a V-term sum: γ_{D+V} (sum_tol) relative
+    # to the sizes involved (|logits|, |lse| <= ~15 here).
+    tol = sum_tol(8 + 100) * 15
+    np.testing.assert_allclose(loss, ref_loss, rtol=0, atol=tol)
     for f in jsm.SoftmaxStats._fields:
-        np.testing.assert_allclose(getattr(s, f), getattr(ref, f), rtol=1e-6, err_msg=f)
+        got, want = np.asarray(getattr(s, f)), ref.get(f)
+        if f == "correct":
+            want = (ref["argmax"] == y) & (y != -100)
+        if want is None:
+            continue
+        if np.issubdtype(got.dtype, np.floating):
+            np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f)
 
     def combined(h, w, stats_call):
         loss, s = stats_call(h, w)
         return loss + 0.1 * jnp.sum(s.entropy) - 0.2 * jnp.sum(s.topk_logprobs[:, 0])
 
-    def separate(h, w):
-        return jsm.linear_cross_entropy(h, w, y, **kw), stats_fn(
-            h, w, y, top_k=3, logit_softcap=5.0, chunk_size=16
-        )
-
     g = jax.jit(jax.grad(lambda h, w: combined(h, w, fwd), (0, 1)))(h, w)
-    rg = jax.jit(jax.grad(lambda h, w: combined(h, w, separate), (0, 1)))(h, w)
     for a, b in zip(g, rg, strict=True):
-        assert rel_err(a, b) < 1e-5
+        # The same float32 error, relative to the gradient's scale.
+        assert rel_err(a, b) < tol
 
 
 def test_no_host_transfers(rng):
@@ -368,10 +390,4 @@ def test_memory_is_an_eighth_of_naive():
         s = naive_stats(h, w, y)
         return jnp.sum(s["label_logprob"]) + 0.01 * jnp.sum(s["entropy"])
 
-    def temp(f):
-        compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    naive_temp, ours_temp = temp(naive), temp(ours)
-    assert naive_temp >= n * v * 4
-    assert ours_temp * 8 <= naive_temp, (ours_temp, naive_temp)
+    assert_memory_fraction(ours, naive, args, naive_at_least=n * v * 4)
