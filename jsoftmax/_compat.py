@@ -70,6 +70,26 @@ def unsharded(x: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
+def explicit_spec(x) -> tuple | None:
+    """``(mesh, spec)`` of ``x`` where its type carries an explicit sharding, else ``None``.
+
+    In JAX's explicit sharding mode (mesh axes of ``AxisType.Explicit``) an array's type
+    holds its ``PartitionSpec``, visible at trace time; ``spec`` is padded with ``None``
+    to ``x.ndim`` entries. ``None`` in the default auto mode, inside ``shard_map`` (manual
+    axes), on a JAX without explicit sharding, and for an array replicated everywhere.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True):
+        return None
+    explicit = set(explicit_axes(mesh))
+    spec = tuple(sharding.spec) + (None,) * (jnp.ndim(x) - len(sharding.spec))
+    named = [a for e in spec if e is not None for a in (e if isinstance(e, tuple) else (e,))]
+    if not any(a in explicit for a in named):
+        return None
+    return mesh, spec
+
+
 def shard_map(f, *, mesh, in_specs, out_specs):
     """``jax.shard_map`` with the varying-axes checks on (the library's collectives rely
     on them to tell which cotangents to sum)."""

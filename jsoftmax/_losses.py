@@ -30,9 +30,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jsoftmax import _impl
+from jsoftmax import _compat, _impl
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
 from jsoftmax._checks import label_check
@@ -84,7 +86,13 @@ def _gather_label(values: jax.Array, idx: jax.Array, owned, axis_name, axis=None
     """
     c = values.shape[0 if axis is None else axis]
     idx = jnp.clip(idx, 0, c - 1)
-    if axis is None:
+    if axis is None and _compat.explicit_spec(idx) is not None:
+        # Explicitly sharded labels: a replicated vector gathered per shard (JAX asks
+        # for the output sharding; it is the labels').
+        mesh = _compat.explicit_spec(idx)[0]
+        values = jax.sharding.reshard(values, NamedSharding(mesh, P()))
+        v = values.at[idx].get(out_sharding=jax.typeof(idx).sharding)
+    elif axis is None:
         v = values[idx]
     else:
         v = jnp.take_along_axis(values, idx, axis=axis, mode="clip")
@@ -361,7 +369,62 @@ def _choose_impl(impl: str, unsupported: list[str]) -> str:
     return _impl.resolve_auto("cross_entropy", supported=not unsupported)
 
 
-def _pallas_rows(x, labels, axis, ignore_index, eps, lam):
+_PALLAS_CLASS_SHARDED = (
+    "impl='pallas' with the logits sharded along the class axis (mesh axes {axes}): the "
+    "kernels have no cross-shard logsumexp. Shard the logits over their other (row) "
+    "dimensions only, or use impl='xla' inside `jax.shard_map` with `axis_name` naming "
+    "those axes (vocab-parallel, no gather)."
+)
+
+
+def _pallas_layout(x, labels, axis):
+    """``(mesh, logits spec)`` where the inputs are explicitly sharded, else ``None``.
+
+    Checked before any other work on the logits: a sharded class axis is an error for
+    the kernels (their logsumexp is per device).
+    """
+    found = _compat.explicit_spec(x)
+    if found is None:
+        found = _compat.explicit_spec(labels)
+        if found is not None:
+            found = (found[0], (*found[1][:axis], None, *found[1][axis:]))
+    if found is not None and found[1][axis] is not None:
+        entry = found[1][axis]
+        axes = entry if isinstance(entry, tuple) else (entry,)
+        raise ValueError(_PALLAS_CLASS_SHARDED.format(axes=axes))
+    return found
+
+
+def _pallas_rows(layout, x, labels, weight, axis, ignore_index, eps, lam, acc):
+    """The kernel's per-position losses (times ``w_y``); per row shard under a layout.
+
+    In explicit sharding mode a ``pallas_call`` cannot be partitioned (it would need
+    every operand whole), so the rows run under ``shard_map`` on the logits' layout,
+    and the class weights are picked there too (a gather of a replicated vector by
+    sharded labels has no sharding rule).
+    """
+    local = functools.partial(
+        _kernel_rows, axis=axis, ignore_index=ignore_index, eps=eps, lam=lam, acc=acc
+    )
+    if layout is None:
+        return local(x, labels, weight)
+    mesh, spec = layout
+    x_spec, row_spec = P(*spec), P(*spec[:axis], *spec[axis + 1 :])
+    args = [(x, x_spec), (labels, row_spec)] + ([] if weight is None else [(weight, P())])
+    xs = [jax.sharding.reshard(a, NamedSharding(mesh, sp)) for a, sp in args]
+    # check_vma=False: a pallas_call's outputs carry no varying-axes type; shard_map
+    # then sums the class weights' cotangent over the shards itself.
+    smap = jax.shard_map(
+        lambda *a: local(*a, *([None] * (3 - len(a)))),
+        mesh=mesh,
+        in_specs=tuple(sp for _, sp in args),
+        out_specs=row_spec,
+        check_vma=False,
+    )
+    return smap(*xs)
+
+
+def _kernel_rows(x, labels, weight, axis, ignore_index, eps, lam, acc):
     from jsoftmax.kernels import cross_entropy as kernel_cross_entropy
 
     c = x.shape[axis]
@@ -369,7 +432,10 @@ def _pallas_rows(x, labels, axis, ignore_index, eps, lam):
     rows = kernel_cross_entropy(
         x2, labels.reshape(-1), ignore_index=ignore_index, label_smoothing=eps, z_loss=lam
     )
-    return rows.reshape(labels.shape).astype(num.loss_dtype(x.dtype))
+    per = rows.reshape(labels.shape).astype(acc)
+    if weight is not None:
+        per = per * weight.astype(acc)[jnp.clip(labels, 0, c - 1)]
+    return per
 
 
 def cross_entropy(
@@ -501,6 +567,7 @@ def cross_entropy(
     if x.dtype == jnp.float64:
         unsupported.append("float64 logits")
     impl = _choose_impl(impl, unsupported)
+    layout = _pallas_layout(x, labels, a) if impl == "pallas" else None
 
     # Per-class weights: the full vector for the denominator's w_y, this shard's slice for
     # the core.
@@ -533,9 +600,7 @@ def cross_entropy(
     )
 
     def pallas_rows():
-        per = _pallas_rows(x, labels, a, ignore_index, eps, lam)
-        if weight is not None:
-            per = per * weight.astype(acc)[jnp.clip(labels, 0, n_classes - 1)]
+        per = _pallas_rows(layout, x, labels, weight, a, ignore_index, eps, lam, acc)
         # A bad label poisons the loss *and* the gradient, as on the XLA route.
         per = num.poison_cotangent(per, bad)
         return jnp.where(bad, jnp.nan, per)

@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jsoftmax import _compat
 from jsoftmax import _numerics as num
 from jsoftmax import _validate as check
 from jsoftmax._compat import plgpu
@@ -334,6 +337,107 @@ def check_triton(
                 f"{int(np.prod(tile))} elements; Triton allows at most {TRITON_MAX_ELEMENTS} "
                 "(2^20) elements per tensor. Use smaller blocks (or None)."
             )
+
+
+# --------------------------------------------------------------------- sharded inputs
+#
+# A pallas_call has no partitioning rule: under jax.jit with sharded operands the
+# partitioner would replicate them (gather the whole logits or head onto every device),
+# and in explicit mode pallas_call refuses non-manual mesh axes. So where an operand's
+# type carries an explicit sharding, the kernel runs per row shard inside shard_map. The
+# spec is read through jsoftmax._compat, the JAX-version shim the kernels already import
+# (explicit sharding types exist only on newer JAX); nothing else of jsoftmax/ is needed.
+
+CLASS_SHARDED = (
+    "{kernel}: `{name}` is sharded over mesh axes {axes} along a dimension the kernel "
+    "needs whole ({what}): the kernels have no cross-shard logsumexp. Shard only the rows "
+    "(e.g. PartitionSpec('data', None)), or use jsoftmax's impl='xla', which partitions "
+    "the class axis without gathering it."
+)
+HEAD_SHARDED = (
+    "{kernel}: `linear_weight` is sharded over mesh axes {axes} on its {what}: the "
+    "kernel needs the whole head on every device (no cross-shard logsumexp, no FSDP "
+    "gather). Replicate the head and shard the tokens, or use "
+    "jsoftmax.linear_cross_entropy(impl='xla'), which runs vocabulary-parallel and "
+    "gathers an FSDP head one chunk at a time."
+)
+
+
+def entry_axes(entry: Any) -> tuple:
+    """The mesh axes of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+
+
+def row_sharding(kernel: str, whole: dict[str, Any], rows_of: dict[str, Any]):
+    """``(mesh, rows)`` for a row-wise kernel on explicitly sharded inputs, or ``None``.
+
+    ``whole`` maps names to 2-D ``(rows, cols)`` operands whose columns the kernel needs
+    whole, ``rows_of`` to ``(rows,)`` operands; ``rows`` is the spec entry of the row
+    dimension (taken from the first sharded operand; the others are resharded to it).
+    Raises ``ValueError`` where a column dimension is sharded.
+    """
+    found = None
+    for name, x in whole.items():
+        got = None if x is None else _compat.explicit_spec(x)
+        if got is None:
+            continue
+        if got[1][1] is not None:
+            what = "the hidden dimension D" if name == "hidden" else "the class axis"
+            raise ValueError(
+                CLASS_SHARDED.format(
+                    kernel=kernel, name=name, axes=entry_axes(got[1][1]), what=what
+                )
+            )
+        found = found or got
+    for x in rows_of.values():
+        got = None if x is None else _compat.explicit_spec(x)
+        found = found or got
+    if found is None:
+        return None
+    mesh, spec = found
+    rows = spec[0]
+    n = next(iter(whole.values())).shape[0]
+    shards = int(np.prod([mesh.shape[a] for a in entry_axes(rows)]))
+    if n % shards:
+        raise ValueError(
+            f"{kernel}: {n} rows are not divisible by their {shards} shards (mesh axes "
+            f"{entry_axes(rows)}): each device must hold an equal slice."
+        )
+    return mesh, rows
+
+
+def per_row_shard(mesh: Any, fn: Callable[..., Any], args: tuple, in_specs: tuple, out_specs):
+    """``fn(*args)`` on each row shard, under ``shard_map`` over ``mesh``.
+
+    ``None`` arguments are closed over; the others are first resharded to ``in_specs``
+    (a no-op where they already have it; otherwise the partitioner's cheapest move of
+    the small row operands, never of a whole-column operand, which the caller checked).
+    """
+    live = [i for i, a in enumerate(args) if a is not None]
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(live, xs, strict=True):
+            full[i] = x
+        return fn(*full)
+
+    specs = tuple(in_specs[i] for i in live)
+    xs = [
+        jax.sharding.reshard(args[i], NamedSharding(mesh, spec))
+        for i, spec in zip(live, specs, strict=True)
+    ]
+    # check_vma=False: a pallas_call's out_shape carries no varying-axes type (JAX asks
+    # for one under check_vma=True). Without the check, shard_map's transpose sums the
+    # cotangents of replicated inputs (the head) over the row shards itself.
+    smap = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)
+    return smap(*xs)
+
+
+def rows_spec(rows: Any, extra: int = 0) -> P:
+    """The spec of a row-major operand with ``extra`` trailing unsharded dimensions."""
+    return P(rows, *([None] * extra))
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -302,4 +302,14 @@ def cross_entropy(
     ignore_index, eps, lam = cm.check_loss_options(ignore_index, label_smoothing, z_loss)
     opts = cm.LossOptions(c, ignore_index, eps, lam)
     cfg = cm.make_config(block_rows, block_cols, interpret=interpret)
-    return _cross_entropy_vjp(logits, labels, opts, cfg).reshape(n)
+    placed = cm.row_sharding("cross_entropy", {"logits": logits}, {"labels": labels})
+    if placed is None:
+        return _cross_entropy_vjp(logits, labels, opts, cfg).reshape(n)
+    mesh, rows = placed
+    fn = functools.partial(_local_rows, opts=opts, cfg=cfg)
+    specs = (cm.rows_spec(rows, 1), cm.rows_spec(rows, 1))
+    return cm.per_row_shard(mesh, fn, (logits, labels), specs, cm.rows_spec(rows))
+
+
+def _local_rows(logits, labels, *, opts, cfg):
+    return _cross_entropy_vjp(logits, labels, opts, cfg).reshape(logits.shape[0])

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from jsoftmax import _compat
 from jsoftmax import _validate as check
 
 from . import _common as cm
@@ -586,7 +589,62 @@ def linear_cross_entropy(
         filter_eps=check.filter_eps(filter_eps, compute_dtype),
     )
     cfg = cm.make_config(block_rows, block_cols, block_d, interpret=interpret)
+    placed = _row_placement(hidden, weight, bias, labels, sample_weight, weight_layout)
+    if placed is not None:
+        return _apply_per_shard(
+            *placed, hidden, weight, bias, labels, sample_weight, reduction, st, cfg
+        )
     return _apply(hidden, weight, bias, labels, sample_weight, reduction, st, cfg)
+
+
+def _row_placement(hidden, weight, bias, labels, sample_weight, weight_layout):
+    """``(mesh, rows)`` where the tokens are explicitly sharded (see ``cm.row_sharding``).
+
+    The head must be whole on every device: a sharded one is an error, never gathered.
+    """
+    for name, x in (("linear_weight", weight), ("linear_bias", bias)):
+        got = None if x is None else _compat.explicit_spec(x)
+        if got is None:
+            continue
+        vocab_dim = 1 if (weight_layout == "dv" and name == "linear_weight") else 0
+        for dim, entry in enumerate(got[1]):
+            if entry is not None:
+                what = "vocabulary dimension" if dim == vocab_dim else "hidden dimension D"
+                axes = cm.entry_axes(entry)
+                kernel = "linear_cross_entropy"
+                raise ValueError(cm.HEAD_SHARDED.format(kernel=kernel, axes=axes, what=what))
+    rows_of = {"labels": labels, "sample_weight": sample_weight}
+    return cm.row_sharding("linear_cross_entropy", {"hidden": hidden}, rows_of)
+
+
+def _apply_per_shard(mesh, rows, hidden, weight, bias, labels, sample_weight, reduction, st, cfg):
+    """:func:`_apply` on each token shard; the head replicated, the sums ``psum``-ed.
+
+    The per-row weights (with ``"mean"``'s global denominator) are computed over all
+    rows first, so each shard's weighted sum is its part of the global loss.
+    """
+    n = st.n_rows
+    axes = cm.entry_axes(rows)
+    local = dataclasses.replace(st, n_rows=n // math.prod(mesh.shape[a] for a in axes))
+    if reduction == "none":
+        row_weight = None
+        if sample_weight is not None:
+            row_weight = _row_weights(sample_weight, labels, n, "none", st.loss.ignore_index)
+
+        def fn(h, w, b, y, rw):
+            return _apply(h, w, b, y, rw, "none", local, cfg)
+
+        out = cm.rows_spec(rows)
+    else:
+        row_weight = _row_weights(sample_weight, labels, n, reduction, st.loss.ignore_index)
+
+        def fn(h, w, b, y, rw):
+            return jax.lax.psum(_linear_ce_sum_vjp(h, w, b, y, rw, local, cfg), axes)
+
+        out = P()
+    whole = P(*([None] * weight.ndim))
+    specs = (cm.rows_spec(rows, 1), whole, P(None), cm.rows_spec(rows, 1), cm.rows_spec(rows))
+    return cm.per_row_shard(mesh, fn, (hidden, weight, bias, labels, row_weight), specs, out)
 
 
 def _apply(hidden, weight, bias, labels, sample_weight, reduction, st: _Options, cfg):

@@ -313,6 +313,17 @@ def _softmax_vjp_bwd(log, cfg, y, g):
 _softmax_vjp.defvjp(_softmax_vjp_fwd, _softmax_vjp_bwd)
 
 
+def _placed(x: jax.Array, log: bool, cfg: cm.Config) -> jax.Array:
+    """The kernel per row shard where ``x`` is explicitly sharded (see ``cm.row_sharding``)."""
+    placed = cm.row_sharding("log_softmax" if log else "softmax", {"x": x}, {})
+    if placed is None:
+        return _softmax_vjp(x, log, cfg)
+    mesh, rows = placed
+    spec = cm.rows_spec(rows, 1)
+    fn = functools.partial(_softmax_vjp, log=log, cfg=cfg)
+    return cm.per_row_shard(mesh, fn, (x,), (spec,), spec)
+
+
 def _prepare(x: ArrayLike) -> jax.Array:
     return check.matrix(x, "x")
 
@@ -361,7 +372,7 @@ def softmax(
       Array([[0.25, 0.75]], dtype=float32)
     """
     x = _prepare(x)
-    return _softmax_vjp(x, False, cm.make_config(block_rows, block_cols, interpret=interpret))
+    return _placed(x, False, cm.make_config(block_rows, block_cols, interpret=interpret))
 
 
 def log_softmax(
@@ -394,4 +405,4 @@ def log_softmax(
       Array([[-0.6931472, -0.6931472]], dtype=float32)
     """
     x = _prepare(x)
-    return _softmax_vjp(x, True, cm.make_config(block_rows, block_cols, interpret=interpret))
+    return _placed(x, True, cm.make_config(block_rows, block_cols, interpret=interpret))
