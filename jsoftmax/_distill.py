@@ -449,7 +449,11 @@ def _statics(kind, beta, temperature, weight_layout, logit_softcap, ignore_index
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_divergence(st, hs, ws, ht, wt, labels, bs, bt, normalizer):
     fn = "linear_jsd" if st.beta is not None else "linear_kl_divergence"
-    pl = None if st.axis_name is not None else sharding.explicit_placement(hs, ws, st.layout, wt)
+    pl = (
+        None
+        if st.token_axes is not None
+        else sharding.placement(hs, ws, st.layout, st.axis_name, wt)
+    )
     if pl is not None:
         api._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
         api._check_inputs(fn, ht, wt, None, bt, st.layout, None, st.ignore_index)
@@ -576,6 +580,11 @@ def linear_kl_divergence(
       axis_name: mesh axis (or axes) over which both weights and biases are sharded
         along the vocabulary, inside ``jax.shard_map``: the divergence is over the
         whole vocabulary.
+        Under ``jax.jit`` with explicitly sharded inputs (``AxisType.Explicit``) the
+        layout is read from their types and ``axis_name`` is not needed; in the default
+        auto mode, name the mesh axes (of ``jax.set_mesh``'s mesh) that hold the
+        vocabulary, and the library places the vocab-parallel ``shard_map`` itself (see
+        the scaling-out guide).
 
     Returns:
       The loss, float32 (float64 for float64 inputs): a scalar, or per token with
@@ -663,7 +672,8 @@ def linear_jsd(
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       normalizer: optional denominator for ``"mean"``.
       chunk_size: vocabulary entries per chunk.
-      axis_name: vocab-parallel mesh axis (or axes), inside ``jax.shard_map``.
+      axis_name: vocab-parallel mesh axis (or axes), inside ``jax.shard_map``, or under
+        ``jax.jit`` as in :func:`jsoftmax.linear_kl_divergence`.
 
     Returns:
       The loss, float32 (float64 for float64 inputs): a scalar, or per token with
@@ -716,43 +726,13 @@ class _SparseStatics(NamedTuple):
     token_axes: Any = None
 
 
-def _gathered_logits(h2, w, b, idx, cfg):
-    """``softcap(h·W[:, idx] + b[idx])`` per row, ``(rows, k)``, for either layout.
-
-    Vocab-parallel (``cfg.axis_name``): each shard adds the entries it holds, one
-    ``psum`` sums them.
-    """
-    v_local = w.shape[cfg.vocab_axis]
-    own = None
-    if cfg.axis_name is not None:
-        idx = idx - sharding._shard_offset(cfg, v_local)
-        own = (idx >= 0) & (idx < v_local)
-        idx = jnp.clip(idx, 0, v_local - 1)
-    w_k = jnp.take(w, idx, axis=cfg.vocab_axis).astype(cfg.compute_dtype)
-    spec = "nd,dnk->nk" if cfg.layout == "dv" else "nd,nkd->nk"
-    z = jnp.einsum(spec, h2, w_k, preferred_element_type=cfg.acc_dtype)
-    if b is not None:
-        z = z + jnp.take(b, idx).astype(cfg.acc_dtype)
-    if own is not None:
-        z = lax.psum(jnp.where(own, z, 0.0), cfg.axis_name)
-    if cfg.softcap is not None:
-        z = cfg.softcap * jnp.tanh(z / cfg.softcap)
-    return z
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, normalizer):
     fn = "linear_topk_kl_divergence"
-    pl = sharding.explicit_placement(hs, ws, st.layout) if st.token_axes is None else None
+    pl = None if st.token_axes is not None else sharding.placement(hs, ws, st.layout, st.axis_name)
     if pl is not None:
         api._check_inputs(fn, hs, ws, labels, bs, st.layout, None, st.ignore_index)
         pl.check_divides(hs, ws, st.layout)
-        if pl.fsdp:
-            raise ValueError(
-                f"linear_topk_kl_divergence with `student_weight` sharded on D (mesh axes "
-                f"{pl.fsdp}) is not supported: the teacher's k entries per token would need "
-                "whole columns of the weight. Shard it on the vocabulary or replicate it."
-            )
         local = st._replace(
             axis_name=pl.vocab_axis_name, fsdp_axes=pl.fsdp_axes, token_axes=pl.token_axes
         )
@@ -782,8 +762,10 @@ def _linear_topk_kl(st, hs, ws, teacher_logprobs, teacher_indices, labels, bs, n
     idx = idx.reshape(n_rows, k)
     bad_idx = jnp.any((idx < 0) | (idx >= stu.n_vocab), axis=1)
     idx = jnp.clip(idx, 0, stu.n_vocab - 1)
-    lse = core._stats(cfg, h2, stu.linear_weight, stu.linear_bias, None, None).lse
-    u_k = tiles._scaled(_gathered_logits(h2, stu.linear_weight, stu.linear_bias, idx, cfg), cfg)
+    # One sweep gives the logsumexp and the logits at the teacher's k indices (the k
+    # "label columns" of each row), so no (D, rows, k) gather of the weight's columns.
+    out = core._stats(cfg, h2, stu.linear_weight, stu.linear_bias, None, idx)
+    lse, u_k = out.lse, tiles._scaled(out.zy, cfg)
     lq = u_k - jnp.where(jnp.isfinite(lse), lse, 0.0)[:, None]
     lp = lax.stop_gradient(lp.reshape(n_rows, k).astype(acc))
     p = jnp.exp(lp)
@@ -826,6 +808,7 @@ def linear_topk_kl_divergence(
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     chunk_size: int | None = None,
+    axis_name: Any = None,
 ) -> jax.Array:
     r"""Forward KL from a sparse teacher (its top-k log-probabilities) to a student head.
 
@@ -870,6 +853,14 @@ def linear_topk_kl_divergence(
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       normalizer: optional denominator for ``"mean"``.
       chunk_size: vocabulary entries per chunk of the student's logsumexp sweep.
+      axis_name: mesh axis (or axes) over which ``student_weight`` (and
+        ``student_bias``) are sharded along the vocabulary, inside ``jax.shard_map``;
+        the teacher's indices stay global ids.
+        Under ``jax.jit`` with explicitly sharded inputs (``AxisType.Explicit``) the
+        layout is read from their types and ``axis_name`` is not needed; in the default
+        auto mode, name the mesh axes (of ``jax.set_mesh``'s mesh) that hold the
+        vocabulary, and the library places the vocab-parallel ``shard_map`` itself (see
+        the scaling-out guide).
 
     Returns:
       The loss, float32 (float64 for float64 inputs): a scalar, or per token with
@@ -904,6 +895,7 @@ def linear_topk_kl_divergence(
         ignore_index=check.ignore_index(ignore_index),
         reduction=reduction,
         chunk_size=check.static_int(chunk_size, "chunk_size", minimum=1, optional=True),
+        axis_name=sharding._axis(axis_name),
     )
     normalizer = check.normalizer(normalizer, reduction)
     return _linear_topk_kl(

@@ -74,9 +74,13 @@ def main(process_id: int, port: int, out_dir: str, mode: str) -> None:
     params = {k: put(v, shardings[k]) for k, v in params.items()}
     inputs, labels = put(inputs, P("data")), put(labels, P("data"))
 
+    # Explicit mode reads the head's layout from its type; the default auto mode is told
+    # which mesh axis holds the vocabulary.
+    kw = {} if mode == "explicit" else {"axis_name": "model"}
+
     def loss_fn(params, inputs, labels):
         h = hidden_states(params, inputs)
-        return jsm.linear_cross_entropy(h, params["head"], labels, chunk_size=8)
+        return jsm.linear_cross_entropy(h, params["head"], labels, chunk_size=8, **kw)
 
     with jax.set_mesh(mesh):
         step = jax.jit(jax.value_and_grad(loss_fn))

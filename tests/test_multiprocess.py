@@ -51,7 +51,7 @@ def _reference():
         return float(loss), {k: np.asarray(v) for k, v in grads.items()}
 
 
-@pytest.mark.parametrize("mode", ["explicit"])
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
 def test_two_processes_match_single_process_float64(mode, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}

@@ -29,11 +29,11 @@ from jsoftmax._large_vocab._sharding import (
     _axis,
     _label_weights,
     _vma,
-    explicit_placement,
     place,
+    placement,
 )
 from jsoftmax._large_vocab._softmax_stats import SoftmaxStats, _finish_stats
-from jsoftmax._large_vocab._tiles import _Config, _default_chunk
+from jsoftmax._large_vocab._tiles import _MIN_CHUNK, _Config, _default_chunk
 
 _LAYOUTS = ("dv", "vd")
 
@@ -199,6 +199,11 @@ def linear_softmax_stats(
         are sharded along the vocabulary, inside ``jax.shard_map``: the statistics are
         over the whole vocabulary (global arg-max and top-k, entropy from the shards'
         sums); labels and indices are global.
+        Under ``jax.jit`` with explicitly sharded inputs (``AxisType.Explicit``) the
+        layout is read from their types and ``axis_name`` is not needed; in the default
+        auto mode, name the mesh axes (of ``jax.set_mesh``'s mesh) that hold the
+        vocabulary, and the library places the vocab-parallel ``shard_map`` itself (see
+        the scaling-out guide).
       filter_eps: gradient filtering of the backward pass, as in
         :func:`jsoftmax.linear_cross_entropy`; here ``T_i`` sums the magnitudes of the
         cotangents of the token's ``label_logprob``, ``entropy`` and ``topk_logprobs``.
@@ -264,7 +269,7 @@ class _StatsStatics(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _linear_softmax_stats(st, hidden, linear_weight, labels, linear_bias, vocab_order):
-    pl = None if st.axis_name is not None else explicit_placement(hidden, linear_weight, st.layout)
+    pl = placement(hidden, linear_weight, st.layout, st.axis_name)
     if pl is not None:
         _check_inputs(
             "linear_softmax_stats", hidden, linear_weight, labels, linear_bias, st.layout,
@@ -380,6 +385,11 @@ def linear_cross_entropy(
         ``linear_bias``, ``weight``) are sharded along the vocabulary, inside
         ``jax.shard_map``; the result is the loss over the whole vocabulary. Labels
         are global class ids.
+        Under ``jax.jit`` with explicitly sharded inputs (``AxisType.Explicit``) the
+        layout is read from their types and ``axis_name`` is not needed; in the default
+        auto mode, name the mesh axes (of ``jax.set_mesh``'s mesh) that hold the
+        vocabulary, and the library places the vocab-parallel ``shard_map`` itself (see
+        the scaling-out guide).
       return_lse: also return the per-token logsumexp (float32, shape of
         ``labels``), e.g. for monitoring or a custom z-loss.
       return_stats: also return a :class:`jsoftmax.SoftmaxStats` of per-token
@@ -598,6 +608,9 @@ def _make_config(
     n_rows = inp.h2.shape[0]
     eps = check.filter_eps(filter_eps, inp.compute)
     chunk = chunk_size if chunk_size is not None else _default_chunk(n_rows, inp.v_local)
+    if chunk_size is None and fsdp_axes is not None:
+        # Each chunk of a D-sharded head is gathered whole: keep it a small part of the head.
+        chunk = min(chunk, max(_MIN_CHUNK, inp.v_local // _FSDP_PARTS))
     return _Config(
         filter_eps=eps,
         filter_rows=max(1, min(filter_rows, n_rows) if filter_rows else n_rows),
@@ -620,7 +633,11 @@ def _linear_cross_entropy(
     (weight_layout, ignore_index, eps, lam, softcap, reduction, chunk_size, impl, axis_name,
      return_lse, return_stats, top_k, filter_eps, filter_rows, fsdp_axes,
      token_axes) = st  # fmt: skip
-    pl = None if axis_name is not None else explicit_placement(hidden, linear_weight, weight_layout)
+    pl = (
+        None
+        if token_axes is not None
+        else placement(hidden, linear_weight, weight_layout, axis_name)
+    )
     if pl is not None:
         return _placed_cross_entropy(
             pl, st, hidden, linear_weight, labels, linear_bias, weight, sample_weight,
@@ -764,6 +781,10 @@ def _placed_cross_entropy(
         out = (out, tok)
     return place(pl, functools.partial(_linear_cross_entropy, local), args, in_specs, out)
 
+
+# A D-sharded (FSDP) head is all-gathered one vocabulary chunk at a time; by default a
+# chunk is at most 1/_FSDP_PARTS of the head, whatever the number of tokens.
+_FSDP_PARTS = 8
 
 _PALLAS_VOCAB_SHARDED = (
     "impl='pallas' with `linear_weight` sharded on the vocabulary (mesh axes {axes}): the "

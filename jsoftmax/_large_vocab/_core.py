@@ -33,8 +33,9 @@ from jsoftmax._large_vocab._sharding import (
     _vma,
 )
 from jsoftmax._large_vocab._tiles import (
+    _add_label_cotangent,
     _hidden_grad,
-    _label_hits,
+    _label_logits,
     _loop,
     _rescale,
     _scaled,
@@ -94,7 +95,7 @@ def _core_forward(cfg, h, w, b, cw, y, row_max=False):
             h, _weight_chunk(w, cfg, start, size), _vocab_slice(b, cfg, start, size), cfg
         )
         if y is not None:
-            zy = zy + jnp.sum(jnp.where(_label_hits(y_local, start, size), z, 0.0), axis=1)
+            zy = zy + _label_logits(z, y_local, start, size)
         if cfg.need_zw:
             cw_c = _vocab_slice(cw, cfg, start, size)
             zw = zw + (jnp.sum(z, axis=1) if cw_c is None else z @ cw_c.astype(acc))
@@ -126,7 +127,7 @@ def _core_forward(cfg, h, w, b, cw, y, row_max=False):
     init = (
         jnp.full((n_rows,), -jnp.inf, acc),
         zeros,
-        zeros,
+        zeros if y is None else jnp.zeros(y.shape, acc),
         zeros,
         zeros if cfg.need_entropy else None,
         jnp.zeros((n_rows,), jnp.int32) if cfg.need_argmax else None,
@@ -195,7 +196,7 @@ def _stats_bwd(cfg, res, cts):
             coef = coef - cts.entropy[rs, None] * jnp.where(p > 0, u - mean_u[rs, None], 0.0)
         dz = _scaled(p * coef, cfg)
         if y is not None:
-            dz = dz + jnp.where(_label_hits(y_local[rs], start, size), cts.zy[rs, None], 0.0)
+            dz = _add_label_cotangent(dz, y_local[rs], cts.zy[rs], start, size)
         if cfg.need_zw:
             g_zw = cts.zw[rs]
             dz = dz + (g_zw[:, None] if cw_c is None else g_zw[:, None] * cw_c.astype(acc))

@@ -84,7 +84,8 @@ def _filter_unit(cfg, cts, cw, v_local):
     acc = cfg.acc_dtype
     unit = jnp.zeros(cts.lse.shape, acc)
     if cts.zy is not None:
-        unit = unit + jnp.abs(cts.zy)
+        g_zy = jnp.abs(cts.zy)
+        unit = unit + (g_zy if g_zy.ndim == 1 else jnp.sum(g_zy, axis=1))
     if cfg.need_zw:
         w_abs = jnp.asarray(v_local, acc) if cw is None else jnp.sum(jnp.abs(cw.astype(acc)))
         if cfg.axis_name is not None:
@@ -103,7 +104,8 @@ def _must_keep(flt, rs, start, size):
     keep = jnp.zeros(active.shape, bool)
     if flt.y_local is not None:
         y = flt.y_local[rs]
-        keep = active & (y >= start) & (y < start + size)
+        inside = (y >= start) & (y < start + size)
+        keep = active & (inside if inside.ndim == 1 else jnp.any(inside, axis=1))
     if flt.top_local is not None:
         t = flt.top_local[rs]
         keep = keep | jnp.any((t >= start) & (t < start + size) & (flt.g_top[rs] != 0), axis=1)

@@ -82,9 +82,19 @@ def _global_stats(cfg, m, s, zy, zw, t=None):
     m_all = lax.pmax(m, cfg.axis_name)
     m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
     s, t = _rescale(m, m_safe, s, t, cfg)
+    if zy.ndim > 1:  # k label columns per row: their own psum
+        zy = lax.psum(zy, cfg.axis_name)
+        s, zw, t = _global_sums(cfg, s, zw, t)
+        return m_all, s, zy, zw, t
     parts = [s, zy, zw] + ([] if t is None else [t])
     summed = lax.psum(jnp.stack(parts), cfg.axis_name)
     return m_all, summed[0], summed[1], summed[2], (None if t is None else summed[3])
+
+
+def _global_sums(cfg, s, zw, t):
+    parts = [s, zw] + ([] if t is None else [t])
+    summed = lax.psum(jnp.stack(parts), cfg.axis_name)
+    return summed[0], summed[1], (None if t is None else summed[2])
 
 
 def _gather_over(cfg, *arrays):
@@ -234,6 +244,70 @@ def explicit_placement(hidden, linear_weight, layout: str, *others) -> Placement
     return Placement(mesh, tokens, vocab, fsdp)
 
 
+def _inside_shard_map(axis_name) -> bool:
+    """Whether ``axis_name`` is bound by an enclosing ``jax.shard_map`` (manual axes)."""
+    try:
+        lax.axis_size(axis_name)
+    except NameError:
+        return False
+    return True
+
+
+def _context_mesh(*arrays):
+    """The mesh a call runs on: ``jax.set_mesh``'s, else one read off the inputs' types."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = None if get is None else get()
+    if mesh is not None and not mesh.empty:
+        return mesh
+    for x in arrays:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty:
+            return mesh
+    return None
+
+
+def placement(hidden, linear_weight, layout: str, axis_name, *others) -> Placement | None:
+    """How to run a fused call under ``jax.jit``: a :class:`Placement`, or ``None`` (as is).
+
+    * inside ``jax.shard_map`` with ``axis_name`` bound: ``None``, the caller's own
+      vocab-parallel code path;
+    * explicitly sharded inputs: the layout of their types (:func:`explicit_placement`);
+    * the default auto mode with ``axis_name`` naming mesh axes of the mesh in context
+      (``jax.set_mesh``): the vocabulary on those axes and the tokens on the others;
+    * otherwise ``None``: the partitioner decides (data-parallel and FSDP heads stay
+      sharded that way; a vocabulary-sharded head needs ``axis_name`` in auto mode).
+    """
+    if axis_name is not None and _inside_shard_map(axis_name):
+        return None
+    pl = explicit_placement(hidden, linear_weight, layout, *others)
+    if axis_name is None:
+        return pl
+    vocab = _entry_axes(axis_name)
+    if pl is not None:
+        if set(pl.vocab) != set(vocab):
+            raise ValueError(
+                f"`axis_name`={axis_name!r}, but `linear_weight` is sharded on the vocabulary "
+                f"over mesh axes {pl.vocab}: pass the axes of its sharding (or omit "
+                "`axis_name`: explicitly sharded inputs carry their layout)."
+            )
+        return pl
+    mesh = _context_mesh(hidden, linear_weight, *others)
+    if mesh is None or not all(a in mesh.axis_names for a in vocab):
+        raise ValueError(
+            f"`axis_name`={axis_name!r} is not a mesh axis of an enclosing `jax.shard_map`, "
+            "nor of the mesh in context: call the loss inside `jax.shard_map` "
+            "(vocab-parallel mode), or under `jax.set_mesh(mesh)` with `axis_name` naming "
+            "the mesh axes the vocabulary is sharded over."
+        )
+    others_axes = tuple(a for a in mesh.axis_names if a not in vocab and mesh.shape[a] > 1)
+    n_token_dims = jnp.ndim(hidden) - 1
+    tokens = [None] * n_token_dims
+    shards = math.prod(mesh.shape[a] for a in others_axes)
+    if n_token_dims and others_axes and jnp.shape(hidden)[0] % shards == 0:
+        tokens[0] = _joined(others_axes)
+    return Placement(mesh, tuple(tokens), vocab, ())
+
+
 def place(pl: Placement, fn, args: tuple, in_specs: tuple, out_specs):
     """``fn(*args)`` run per shard under ``jax.shard_map`` on ``pl.mesh``.
 
@@ -251,8 +325,9 @@ def place(pl: Placement, fn, args: tuple, in_specs: tuple, out_specs):
     specs = tuple(in_specs[i] for i in live)
     # Explicitly sharded inputs must already have shard_map's specs: move those that do
     # not (the partitioner's cheapest collective; e.g. tokens off a vocabulary axis).
+    explicit = bool(_compat.explicit_axes(pl.mesh))
     xs = [
-        args[i] if _explicit_mesh(args[i]) is None else jax.sharding.reshard(args[i], spec)
+        jax.sharding.reshard(args[i], spec) if explicit else args[i]
         for i, spec in zip(live, specs, strict=True)
     ]
     return _compat.shard_map(local, mesh=pl.mesh, in_specs=specs, out_specs=out_specs)(*xs)

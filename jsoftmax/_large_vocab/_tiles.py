@@ -134,6 +134,25 @@ def _label_hits(y_local, start, size):
     return cols == y_local[:, None]
 
 
+def _label_logits(z, y_local, start, size):
+    """The tile's logits at each row's label: ``(rows,)``, or ``(rows, k)`` for ``k``
+    label columns per row (a sparse teacher's indices); 0 where outside the tile."""
+    if y_local.ndim == 1:
+        return jnp.sum(jnp.where(_label_hits(y_local, start, size), z, 0.0), axis=1)
+    j = y_local - start
+    vals = jnp.take_along_axis(z, jnp.clip(j, 0, size - 1), axis=1)
+    return jnp.where((j >= 0) & (j < size), vals, 0.0)
+
+
+def _add_label_cotangent(dz, y_local, g, start, size):
+    """``dz`` plus the cotangent ``g`` of :func:`_label_logits` (same shapes as it)."""
+    if y_local.ndim == 1:
+        return dz + jnp.where(_label_hits(y_local, start, size), g[:, None], 0.0)
+    j = y_local - start
+    rows = lax.broadcasted_iota(jnp.int32, j.shape, 0)
+    return dz.at[rows, jnp.clip(j, 0, size - 1)].add(jnp.where((j >= 0) & (j < size), g, 0.0))
+
+
 def _loop(total, chunk, body, carry):
     """``carry = body(carry, start, size)`` over ``[0, total)`` in static-size chunks.
 
