@@ -295,3 +295,32 @@ def test_shard_map_with_axis_name_keeps_working_inside_jit():
     with jax.set_mesh(mesh):
         value = jax.jit(f)(hs, ws, ys)
     np.testing.assert_allclose(value, jsm.linear_cross_entropy(h, w, y), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tied_embedding_layout(layout, mode):
+    """weight_layout="vd" (a (V, D) tied embedding), sharded the same way transposed."""
+    h_spec, w_spec = LAYOUTS[layout]
+    w_spec = P(*reversed(tuple(w_spec) + (None,) * (2 - len(w_spec))))
+    mesh = mesh_of(mode)
+    (h, w, y), (hs, _, ys) = _ce_args(mesh, P(*h_spec, None), P())
+    wt = np.ascontiguousarray(w.T)
+    ws = jax.device_put(wt, NamedSharding(mesh, w_spec))
+    kw = dict(axis_name="model") if mode == "auto" and "model" in tuple(w_spec) else {}
+
+    def f(h, w, y, **more):
+        loss, s = jsm.linear_cross_entropy(
+            h, w, y, weight_layout="vd", chunk_size=CHUNK, return_stats=True, **more
+        )
+        return loss + jnp.sum(s.entropy)
+
+    ref_value, ref_grads = jax.value_and_grad(f, argnums=(0, 1))(h, wt, y)
+    with jax.set_mesh(mesh):
+        step = jax.jit(jax.value_and_grad(functools.partial(f, **kw), argnums=(0, 1)))
+        value, grads = step(hs, ws, ys)
+        hlo = step.lower(hs, ws, ys).compile().as_text()
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.max(np.abs(r)))
+    assert gathered_head_fraction(hlo) <= 0.25
