@@ -90,10 +90,12 @@ def explicit_spec(x) -> tuple | None:
     return mesh, spec
 
 
-def shard_map(f, *, mesh, in_specs, out_specs):
+def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = True):
     """``jax.shard_map`` with the varying-axes checks on (the library's collectives rely
-    on them to tell which cotangents to sum)."""
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    on them to tell which cotangents to sum); off only around Pallas kernels, whose
+    outputs carry no varying-axes type (shard_map then sums replicated inputs'
+    cotangents itself)."""
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
 
 
 if _JAX >= (0, 8, 2):

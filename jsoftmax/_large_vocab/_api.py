@@ -762,8 +762,9 @@ def _placed_cross_entropy(
         st.ignore_index, order_given=vocab_order is not None,
     )  # fmt: skip
     pl.check_divides(hidden, linear_weight, st.layout)
-    if st.impl == "pallas" and pl.vocab:
-        raise ValueError(_PALLAS_VOCAB_SHARDED.format(axes=pl.vocab))
+    if st.impl == "pallas" and (pl.vocab or pl.fsdp):
+        what = "the vocabulary" if pl.vocab else "D (FSDP)"
+        raise ValueError(_PALLAS_HEAD_SHARDED.format(what=what, axes=pl.vocab or pl.fsdp))
     local = st._replace(
         axis_name=pl.vocab_axis_name, fsdp_axes=pl.fsdp_axes, token_axes=pl.token_axes
     )
@@ -779,17 +780,20 @@ def _placed_cross_entropy(
     out = tok if st.reduction == "none" else P()
     if st.return_lse or st.return_stats:
         out = (out, tok)
-    return place(pl, functools.partial(_linear_cross_entropy, local), args, in_specs, out)
+    # A pallas_call's outputs carry no varying-axes type: no check around the kernels.
+    fn = functools.partial(_linear_cross_entropy, local)
+    return place(pl, fn, args, in_specs, out, check_vma=st.impl != "pallas")
 
 
 # A D-sharded (FSDP) head is all-gathered one vocabulary chunk at a time; by default a
 # chunk is at most 1/_FSDP_PARTS of the head, whatever the number of tokens.
 _FSDP_PARTS = 8
 
-_PALLAS_VOCAB_SHARDED = (
-    "impl='pallas' with `linear_weight` sharded on the vocabulary (mesh axes {axes}): the "
-    "kernels have no cross-shard logsumexp. Use impl='xla' (vocab-parallel, no gather), or "
-    "shard the head on D or replicate it (the kernels then run on each token shard)."
+_PALLAS_HEAD_SHARDED = (
+    "impl='pallas' with `linear_weight` sharded on {what} (mesh axes {axes}): the kernels "
+    "need the whole head on every device (no cross-shard logsumexp, no FSDP gather). Use "
+    "impl='xla' (vocab-parallel, an FSDP head gathered one chunk at a time), or replicate "
+    "the head (the kernels then run on each token shard)."
 )
 
 

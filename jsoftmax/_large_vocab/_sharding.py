@@ -308,7 +308,7 @@ def placement(hidden, linear_weight, layout: str, axis_name, *others) -> Placeme
     return Placement(mesh, tuple(tokens), vocab, ())
 
 
-def place(pl: Placement, fn, args: tuple, in_specs: tuple, out_specs):
+def place(pl: Placement, fn, args: tuple, in_specs: tuple, out_specs, check_vma: bool = True):
     """``fn(*args)`` run per shard under ``jax.shard_map`` on ``pl.mesh``.
 
     ``None`` arguments are closed over (shard_map takes arrays only); ``in_specs`` has
@@ -330,4 +330,7 @@ def place(pl: Placement, fn, args: tuple, in_specs: tuple, out_specs):
         jax.sharding.reshard(args[i], spec) if explicit else args[i]
         for i, spec in zip(live, specs, strict=True)
     ]
-    return _compat.shard_map(local, mesh=pl.mesh, in_specs=specs, out_specs=out_specs)(*xs)
+    smap = _compat.shard_map(
+        local, mesh=pl.mesh, in_specs=specs, out_specs=out_specs, check_vma=check_vma
+    )
+    return smap(*xs)
