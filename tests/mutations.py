@@ -31,6 +31,7 @@ is the mutated function. A mutation is *caught* when pytest reports a failing te
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
@@ -365,6 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--baseline", action="store_true", help="also run the files unmutated")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="pytest runs at once")
     args = p.parse_args(argv)
     if args.list:
         for m in MUTATIONS.values():
@@ -383,12 +385,14 @@ def main(argv=None) -> int:
         print(f"baseline (unmutated) {' '.join(files)}: {outcome} in {dt:.0f} s {first}")
         bad += outcome != "passed"
     print(f"{'mutation':55s} {'result':12s} {'time':>6s}  caught by")
-    for m in chosen:
-        outcome, dt, first = run_one(m.name, m.files, args.timeout)
-        caught = outcome == "failed"
-        missed += not caught
-        verdict = "caught" if caught else f"NOT CAUGHT ({outcome})"
-        print(f"{m.name:55s} {verdict:12s} {dt:5.0f}s  {first}", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        runs = [pool.submit(run_one, m.name, m.files, args.timeout) for m in chosen]
+        for m, run in zip(chosen, runs, strict=True):
+            outcome, dt, first = run.result()
+            caught = outcome == "failed"
+            missed += not caught
+            verdict = "caught" if caught else f"NOT CAUGHT ({outcome})"
+            print(f"{m.name:55s} {verdict:12s} {dt:5.0f}s  {first}", flush=True)
     print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
     return 1 if bad or missed else 0
 
