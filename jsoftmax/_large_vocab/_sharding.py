@@ -211,15 +211,8 @@ def _explicit_spec(x) -> tuple | None:
     carries its sharding; in the default auto mode, and inside ``shard_map`` (manual
     axes), it does not, and the partitioner decides later.
     """
-    mesh = None if x is None else _explicit_mesh(x)
-    if mesh is None:
-        return None
-    sharding = jax.typeof(x).sharding
-    explicit = set(_compat.explicit_axes(mesh))
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    if not any(a in explicit for e in spec for a in _entry_axes(e)):
-        return None
-    return spec
+    found = None if x is None else _compat.explicit_spec(x)
+    return None if found is None else found[1]
 
 
 def explicit_placement(hidden, linear_weight, layout: str, *others) -> Placement | None:
