@@ -76,9 +76,13 @@ def explicit_spec(x) -> tuple | None:
     In JAX's explicit sharding mode (mesh axes of ``AxisType.Explicit``) an array's type
     holds its ``PartitionSpec``, visible at trace time; ``spec`` is padded with ``None``
     to ``x.ndim`` entries. ``None`` in the default auto mode, inside ``shard_map`` (manual
-    axes), on a JAX without explicit sharding, and for an array replicated everywhere.
+    axes), on a JAX without explicit sharding, for an array replicated everywhere, and for
+    what is not a JAX value yet (a list).
     """
-    sharding = getattr(jax.typeof(x), "sharding", None)
+    try:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+    except TypeError:
+        return None
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or getattr(mesh, "empty", True):
         return None

@@ -212,3 +212,11 @@ def test_auto_mode_runs_whole_unless_inside_shard_map():
         _lowered(kernels.softmax, xs, "tpu")
     assert "tpu_custom_call" in _lowered(per_shard, xs, "tpu")
     np.testing.assert_allclose(jax.jit(per_shard)(xs), jax.nn.softmax(x), rtol=1e-5, atol=1e-7)
+
+
+def test_unsharded_inputs_take_the_plain_path():
+    """Lists and NumPy arrays (no JAX type yet) are not mistaken for sharded inputs."""
+    h, w = np.ones((2, 4), np.float32), np.ones((4, 8), np.float32)
+    loss = kernels.linear_cross_entropy(h, w, [1, 2], sample_weight=[1.0, 2.0], reduction="sum")
+    np.testing.assert_allclose(loss, 3 * np.log(8), rtol=1e-6)
+    np.testing.assert_allclose(kernels.cross_entropy(h, [1, 2]), [np.log(4)] * 2, rtol=1e-6)
