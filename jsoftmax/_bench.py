@@ -691,6 +691,15 @@ def run_bench(sizes: Sizes, *, pairs: int | None = None, progress: bool = True) 
 
 def main(args: Any) -> int:
     """Entry point of ``jsoftmax bench`` (``args`` from the argparse sub-parser)."""
+    if getattr(args, "sharding", False):
+        # The per-layout table needs 8 devices: a fresh interpreter (JAX is started here).
+        from . import _bench_sharding
+
+        if args.pairs is not None and args.pairs < 0:
+            raise SystemExit("--pairs must be >= 0")
+        return _bench_sharding.main(
+            pairs=args.pairs or 0, shape=_bench_sharding.TINY if args.tiny else None
+        )
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
     if args.pairs is not None:
         if args.pairs < 1:

@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--sharding",
+        action="store_true",
+        help="instead: the per-layout table of the fused loss under jax.jit + NamedSharding "
+        "(data-parallel, FSDP, vocabulary-parallel, 2-D) on 8 simulated CPU devices, per-device "
+        "temporary memory against the naive path; with --pairs, time ratios too",
+    )
     bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
     doctor = sub.add_parser(

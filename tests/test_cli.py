@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from jsoftmax import _bench, _cli, _demo, _doctor
+from jsoftmax import _bench, _bench_sharding, _cli, _demo, _doctor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -230,6 +230,28 @@ def test_interleaved_ratios_alternate_and_count():
     assert len(ratios) == len(ta) == len(tb) == 4 and len(ticks) == 4
     # 2 warm-up pairs, then A B, B A, A B, B A.
     assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_bench_sharding_tiny():
+    """``bench --sharding``: the per-layout table, from a fresh 8-device interpreter."""
+    proc = run_cli("bench", "--sharding", "--tiny")
+    out = proc.stdout
+    assert "8 simulated cpu devices" in out and "N=256 D=64 V=2048" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "MiB" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == [name for name, *_ in _bench_sharding.LAYOUTS]
+    for r in rows:
+        # Vocabulary-sharded heads stay sharded in both modes (auto: with `axis_name`).
+        if "'model')`" in r.split(" | ")[2] or "`P('model'" in r.split(" | ")[2]:
+            assert r.split(" | ")[6].startswith("0, 0, "), r
+
+
+def test_largest_all_gather_reads_the_compiled_hlo():
+    hlo = (
+        "%ag = f32[64,512]{1,0} all-gather(f32[64,128]{1,0} %p), dimensions={1}\n"
+        "%ag.1 = bf16[8,16]{1,0} all-gather(bf16[4,16]{1,0} %q), dimensions={0}\n"
+    )
+    assert _bench_sharding.largest_all_gather(hlo, 64 * 1024) == 0.5
+    assert _bench_sharding.largest_all_gather("%x = f32[4] add(%a, %b)", 16) == 0
 
 
 def test_bench_table_marks_unavailable_rows():
