@@ -138,9 +138,15 @@ def _register_cuda_compiler() -> None:
             os.environ[key] = saved
 
 
-@functools.cache
 def device(target: Target) -> Any:
     """A (deviceless) device of ``target``: compiling for it runs the real compiler."""
+    return devices(target)[0]
+
+
+@functools.cache
+def devices(target: Target) -> tuple[Any, ...]:
+    """All (deviceless) devices of ``target``'s topology: a TPU 2x2 has 4 chips, to lay a
+    ``jax.sharding.Mesh`` over and compile sharded programs for."""
     from jax.experimental import topologies
 
     if target.platform == "tpu":
@@ -159,7 +165,7 @@ def device(target: Target) -> Any:
             target_config=target_config(target),
             topology="1x1x1",
         )
-    return topo.devices[0]
+    return tuple(topo.devices)
 
 
 def abstract(target: Target, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
