@@ -145,6 +145,9 @@ def table(n: int = N, d: int = D, v: int = V, pairs: int = 0) -> list[Row]:
         ratio = None
         if pairs > 0:
             ratio = _time_ratio(c_auto, c_naive, args_auto, pairs)
+        print(
+            f"  {name}: compiled{'' if ratio is None else ', timed'}", file=sys.stderr, flush=True
+        )
         rows.append(
             Row(
                 name,
