@@ -136,6 +136,20 @@ def np_softmax(x, axis=-1, **kw):
     return np.exp(np_log_softmax(x, axis=axis, **kw))
 
 
+def np_softmax_vjp(x, g, axis=-1):
+    """float64 VJP of softmax from the formula ``y·(g - Σ g·y)``."""
+    y, g = np_softmax(x, axis=axis), np.asarray(g, np.float64)
+    return y * (g - np.sum(g * y, axis=axis, keepdims=True))
+
+
+def np_log_softmax_vjp(x, g, axis=-1):
+    """float64 VJP of log-softmax, ``g - softmax·Σ g``; -inf entries are constants (0)."""
+    x = np.asarray(x, np.float64)
+    adm = x > -np.inf
+    g = np.where(adm, np.asarray(g, np.float64), 0.0)
+    return np.where(adm, g - np_softmax(x, axis=axis) * g.sum(axis=axis, keepdims=True), 0.0)
+
+
 def np_logsumexp(x, axis=-1):
     """float64 numpy logsumexp (-inf for an empty or all -inf slice)."""
     u = np.asarray(x, np.float64)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _references import rel_err
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,11 +22,6 @@ import jsoftmax as jsm
 N_SHARDS = 4
 V_LOCAL = 37  # ragged against chunk_size=16 inside every shard
 V = N_SHARDS * V_LOCAL
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def make_inputs(rng, n=24, d=8, layout="dv"):

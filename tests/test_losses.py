@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
-import pathlib
 from contextlib import redirect_stdout
 
 import hypothesis.extra.numpy as hnp
@@ -14,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _references import np_cross_entropy, ref_cross_entropy, sum_tol
+from _references import load_golden, np_cross_entropy, ref_cross_entropy, sum_tol
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.ad_checkpoint import print_saved_residuals
@@ -43,7 +41,6 @@ nll = jax.jit(jsm.nll_loss, static_argnames=("axis", "ignore_index", "reduction"
 focal = jax.jit(jsm.focal_loss, static_argnames=("gamma", "axis", "ignore_index", "reduction"))
 bce = jax.jit(jsm.binary_cross_entropy_with_logits, static_argnames=("reduction",))
 
-GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "torch_golden.npz"
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -66,18 +63,7 @@ def value_and_vjp(f, args, cot):
     return run(tuple(args), cot)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
-def _golden_cases():
-    data = np.load(GOLDEN)
-    meta = json.loads(str(data["__meta__"]))
-    return [(m, {k: data[f"{m['name']}/{k}"] for k in m["arrays"]}) for m in meta]
-
-
-GOLDEN_CASES = _golden_cases()
+GOLDEN_CASES = load_golden("torch_golden")
 
 
 # ------------------------------------------------------------- PyTorch parity
