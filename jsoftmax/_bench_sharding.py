@@ -8,7 +8,8 @@ cross-entropy at ``N=4096, D=512, V=65536`` float32, for each layout a user writ
 * FSDP: tokens on ``("data", "model")``, head's ``D`` on ``("data", "model")``;
 * vocabulary-parallel: tokens replicated, head's vocabulary on ``model``;
 * 2-D: tokens on ``data``, vocabulary on ``model``, head ``(D, V)`` (``"dv"``) and a tied
-  embedding ``(V, D)`` (``"vd"``).
+  embedding ``(V, D)`` (``"vd"``);
+* 2-D + FSDP: the same with the head's ``D`` on ``data`` too.
 
 Columns (the compiled programs' ``memory_analysis()`` and HLO; nothing is run unless
 ``time`` is asked for): the naive ``h @ W`` + ``log_softmax`` + gather temp bytes per
@@ -50,6 +51,7 @@ LAYOUTS: tuple[tuple[str, tuple, tuple, str], ...] = (
     ("vocabulary-parallel", (None, None), (None, "model"), "dv"),
     ("2-D", ("data", None), (None, "model"), "dv"),
     ("2-D, tied (V, D)", ("data", None), ("model", None), "vd"),
+    ("2-D + FSDP", ("data", None), ("data", "model"), "dv"),
 )
 
 
