@@ -94,11 +94,22 @@ def _gather_label(values: jax.Array, idx: jax.Array, owned, axis_name, axis=None
         v = values.at[idx].get(out_sharding=jax.typeof(idx).sharding)
     elif axis is None:
         v = values[idx]
+    elif _class_axis_sharded(values, axis):
+        # Explicitly sharded classes: a masked sum partitions (a gather along a sharded
+        # axis has no sharding rule in explicit mode); one compare and add per entry.
+        hit = lax.broadcasted_iota(idx.dtype, values.shape, axis % values.ndim) == idx
+        v = jnp.sum(jnp.where(hit, values, jnp.zeros((), values.dtype)), axis=axis, keepdims=True)
     else:
         v = jnp.take_along_axis(values, idx, axis=axis, mode="clip")
     if axis_name is not None:
         v = lax.psum(jnp.where(owned, v, jnp.zeros((), v.dtype)), axis_name)
     return v
+
+
+def _class_axis_sharded(values: jax.Array, axis: int) -> bool:
+    """Whether ``values``' class ``axis`` carries an explicit sharding (explicit mode)."""
+    found = _compat.explicit_spec(values)
+    return found is not None and found[1][axis % values.ndim] is not None
 
 
 def _csum(v: jax.Array, axis: int, axis_name: Hashable | None) -> jax.Array:
@@ -263,7 +274,13 @@ def _ce_bwd(cfg: _CE, res, g):
         per = jnp.where(valid, gk * per, 0.0)
         hit = valid if owned is None else valid & owned
         idx = jnp.where(hit, yl, c_local)  # out-of-range rows are dropped by the scatter
-        dw = jnp.zeros((c_local,), acc).at[idx.reshape(-1)].add(per.reshape(-1), mode="drop")
+        if _compat.explicit_spec(idx) is None:
+            dw = jnp.zeros((c_local,), acc).at[idx.reshape(-1)].add(per.reshape(-1), mode="drop")
+        else:
+            # Explicitly sharded positions: a scatter across shards has no sharding rule;
+            # the one-hot form is a reduction over the positions, which partitions.
+            onehot = idx[..., None] == lax.broadcasted_iota(idx.dtype, (c_local,), 0)
+            dw = jnp.sum(jnp.where(onehot, per[..., None], 0.0), axis=tuple(range(idx.ndim)))
         if eps > 0:
             smooth = (gk * gam) * jnp.where(adm, log_s - z, 0.0)
             dw = dw + jnp.sum(smooth, axis=_batch_axes(x.ndim, a))
@@ -273,6 +290,10 @@ def _ce_bwd(cfg: _CE, res, g):
 def _scatter_label(dx, yk, values, axis, drop):
     """``dx`` plus ``values`` at each position's label along ``axis`` (keepdims ``yk``)."""
     c = dx.shape[axis]
+    if _class_axis_sharded(dx, axis):
+        # Explicitly sharded classes: the masked form of the scatter (see _gather_label).
+        hit = (lax.broadcasted_iota(yk.dtype, dx.shape, axis % dx.ndim) == yk) & ~drop
+        return dx + jnp.where(hit, values.astype(dx.dtype), jnp.zeros((), dx.dtype))
     idx = [lax.broadcasted_iota(yk.dtype, yk.shape, d) for d in range(dx.ndim)]
     idx[axis] = jnp.where(drop, c, yk)
     return dx.at[tuple(idx)].add(values.astype(dx.dtype), mode="drop")
