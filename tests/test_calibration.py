@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _references import np_log_softmax, np_softmax
+from _references import np_log_softmax, np_softmax, unit_roundoff
 
 import jsoftmax as jsm
 
@@ -383,6 +383,19 @@ def test_scores_with_masked_and_empty_rows_and_gradients():
     # Energy gradient w.r.t. z is -softmax(z/T).
     # float32 softmax of 3 entries: a few u = 6e-8 relative.
     np.testing.assert_allclose(g_z[0], -np_softmax(np.asarray(z[0]) / 0.5), rtol=1e-6)
+    # MSP = p_k, k the arg-max: d/dz_j = p_k·(δ_jk - p_j)/T, d/dT = p_k·(Σ p_j z_j - z_k)/T²,
+    # in float64 numpy on the admissible classes. float32: p carries u absolute (entries
+    # <= 1), the product with (δ - p) another u, then / T: 4u/T absolute (1 - p cancels).
+    zf, t = np.array([2.0, 0.0]), 0.5
+    pf = np_softmax(zf / t)
+    np.testing.assert_allclose(
+        gm_z[0, [0, 2]],
+        pf[0] * (np.array([1.0, 0.0]) - pf) / t,
+        rtol=0,
+        atol=4 * unit_roundoff(np.float32) / t,
+    )
+    assert gm_z[0, 1] == 0 and np.all(gm_z[1] == 0)
+    assert float(gm_t) == pytest.approx(pf[0] * (pf @ zf - zf[0]) / t**2, rel=1e-5)
 
 
 def test_predict_with_rejection_hand_made():
