@@ -94,6 +94,33 @@ def explicit_spec(x) -> tuple | None:
     return mesh, spec
 
 
+def shard_map_args(f, mesh, args: tuple, in_specs: tuple, out_specs, *, check_vma=True):
+    """``f(*args)`` per shard under :func:`shard_map` on ``mesh``; one spec per argument.
+
+    ``None`` arguments are closed over (shard_map takes arrays only). On a mesh with
+    explicit axes the inputs are first resharded to ``in_specs`` (shard_map requires
+    them to match; a no-op where they do, else the partitioner's cheapest move).
+    """
+    live = [i for i, a in enumerate(args) if a is not None]
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(live, xs, strict=True):
+            full[i] = x
+        return f(*full)
+
+    specs = tuple(in_specs[i] for i in live)
+    explicit = bool(explicit_axes(mesh))
+    xs = [
+        jax.sharding.reshard(args[i], jax.sharding.NamedSharding(mesh, spec))
+        if explicit
+        else args[i]
+        for i, spec in zip(live, specs, strict=True)
+    ]
+    smap = shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=check_vma)
+    return smap(*xs)
+
+
 def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = True):
     """``jax.shard_map`` with the varying-axes checks on (the library's collectives rely
     on them to tell which cotangents to sum); off only around Pallas kernels, whose

@@ -386,7 +386,9 @@ def _divergence_bwd(dc, res, g):
         dz_c = dz.astype(cfg.compute_dtype)
         w_c = tiles._weight_chunk(ws, cfg, start, size)
         dh = dh + tiles._hidden_grad(dz_c, w_c, cfg)
-        dw_c = tiles._weight_grad_chunk(tiles._weight_grad(hs, dz_c, cfg), cfg).astype(dw.dtype)
+        dw_c = tiles._weight_grad_chunk(tiles._weight_grad(hs, dz_c, cfg), cfg)
+        # Summed over the token shards chunk by chunk, as in the core's backward sweep.
+        dw_c = sharding._sum_over_copies(dw_c, ws).astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, 0).astype(db.dtype), start, 0)
@@ -398,6 +400,11 @@ def _divergence_bwd(dc, res, g):
         None if bs is None else jnp.zeros(bs.shape, bs.dtype),
     )
     init = sharding._as_varying(init, sharding._vma(hs, ws, bs, ht, wt, bt, lse_s, lse_t, extra, g))
+    init = (
+        init[0],
+        sharding._as_varying(jnp.zeros(ws.shape, ws.dtype), sharding._vma(ws)),
+        init[2],
+    )
     dh, dw, db = tiles._loop(v_local, cfg.chunk, body, init)
     dh = sharding._sum_over_copies(dh, hs).astype(hs.dtype)
     dw, db = sharding._sum_over_copies(dw, ws), sharding._sum_over_copies(db, bs)

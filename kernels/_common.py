@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jsoftmax import _compat
@@ -415,24 +414,10 @@ def per_row_shard(mesh: Any, fn: Callable[..., Any], args: tuple, in_specs: tupl
     (a no-op where they already have it; otherwise the partitioner's cheapest move of
     the small row operands, never of a whole-column operand, which the caller checked).
     """
-    live = [i for i, a in enumerate(args) if a is not None]
-
-    def local(*xs):
-        full = list(args)
-        for i, x in zip(live, xs, strict=True):
-            full[i] = x
-        return fn(*full)
-
-    specs = tuple(in_specs[i] for i in live)
-    xs = [
-        jax.sharding.reshard(args[i], NamedSharding(mesh, spec))
-        for i, spec in zip(live, specs, strict=True)
-    ]
     # check_vma=False: a pallas_call's out_shape carries no varying-axes type (JAX asks
     # for one under check_vma=True). Without the check, shard_map's transpose sums the
     # cotangents of replicated inputs (the head) over the row shards itself.
-    smap = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)
-    return smap(*xs)
+    return _compat.shard_map_args(fn, mesh, args, in_specs, out_specs, check_vma=False)
 
 
 def rows_spec(rows: Any, extra: int = 0) -> P:

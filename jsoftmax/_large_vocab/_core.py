@@ -215,7 +215,10 @@ def _stats_bwd(cfg, res, cts):
             dcw = lax.dynamic_update_slice_in_dim(dcw, (cts.zw @ z).astype(dcw.dtype), start, 0)
         dz_c = dz.astype(cfg.compute_dtype)
         dh = dh + _hidden_grad(dz_c, w_c, cfg)
-        dw_c = _weight_grad_chunk(_weight_grad(h, dz_c, cfg), cfg).astype(dw.dtype)
+        dw_c = _weight_grad_chunk(_weight_grad(h, dz_c, cfg), cfg)
+        # Summed over the token shards chunk by chunk (a replicated head's data-parallel
+        # all-reduce), so no whole partial (D, V) gradient is ever held as a temporary.
+        dw_c = _sum_over_copies(dw_c, w).astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, 0).astype(db.dtype), start, 0)
@@ -230,6 +233,9 @@ def _stats_bwd(cfg, res, cts):
     float_cts = [c for c in (cts.lse, cts.zy, cts.zw, cts.entropy, cts.top_z) if c is not None]
     vma = _vma(h, w, b, cw, y_local, lse, ent, top_local, row_max, *float_cts)
     init = _as_varying(init, vma)
+    # The weight's gradient is typed like the weight: each chunk is summed over the token
+    # shards before it is written (see `body`).
+    init = (init[0], _as_varying(jnp.zeros(w.shape, w.dtype), _vma(w)), *init[2:])
     if cfg.filter_eps is None:
         dh, dw, db, dcw = _loop(v_local, cfg.chunk, body, init)
     else:

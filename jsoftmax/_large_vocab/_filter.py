@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jsoftmax import _validate as check
-from jsoftmax._large_vocab._sharding import _as_varying
+from jsoftmax._large_vocab._sharding import _as_varying, _sum_over_copies
 from jsoftmax._large_vocab._tiles import (
     _hidden_grad,
     _loop,
@@ -220,7 +220,7 @@ def _filtered_loop(cfg, flt, tile, h, w, b, cw, cts, init):
         else:
             state = tiled(*state)
         dh_blocks, dw_c, db_c, dcw_c = state
-        dw_c = _weight_grad_chunk(dw_c, cfg)
+        dw_c = _sum_over_copies(_weight_grad_chunk(dw_c, cfg), w)  # as in _core's sweep
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), start, cfg.vocab_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, db_c.astype(db.dtype), start, 0)

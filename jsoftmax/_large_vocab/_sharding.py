@@ -302,28 +302,6 @@ def placement(hidden, linear_weight, layout: str, axis_name, *others) -> Placeme
 
 
 def place(pl: Placement, fn, args: tuple, in_specs: tuple, out_specs, check_vma: bool = True):
-    """``fn(*args)`` run per shard under ``jax.shard_map`` on ``pl.mesh``.
-
-    ``None`` arguments are closed over (shard_map takes arrays only); ``in_specs`` has
-    one entry per argument.
-    """
-    live = [i for i, a in enumerate(args) if a is not None]
-
-    def local(*xs):
-        full = list(args)
-        for i, x in zip(live, xs, strict=True):
-            full[i] = x
-        return fn(*full)
-
-    specs = tuple(in_specs[i] for i in live)
-    # Explicitly sharded inputs must already have shard_map's specs: move those that do
-    # not (the partitioner's cheapest collective; e.g. tokens off a vocabulary axis).
-    explicit = bool(_compat.explicit_axes(pl.mesh))
-    xs = [
-        jax.sharding.reshard(args[i], spec) if explicit else args[i]
-        for i, spec in zip(live, specs, strict=True)
-    ]
-    smap = _compat.shard_map(
-        local, mesh=pl.mesh, in_specs=specs, out_specs=out_specs, check_vma=check_vma
-    )
-    return smap(*xs)
+    """``fn(*args)`` run per shard under ``jax.shard_map`` on ``pl.mesh`` (see
+    :func:`jsoftmax._compat.shard_map_args`); ``in_specs`` has one entry per argument."""
+    return _compat.shard_map_args(fn, pl.mesh, args, in_specs, out_specs, check_vma=check_vma)
