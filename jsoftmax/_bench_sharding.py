@@ -98,6 +98,7 @@ def table(n: int = N, d: int = D, v: int = V, pairs: int = 0) -> list[Row]:
     from jax.sharding import PartitionSpec as P
 
     import jsoftmax as jsm
+    from jsoftmax import _compat
 
     if jax.device_count() < DEVICES:
         raise RuntimeError(f"{DEVICES} devices needed, {jax.device_count()} found")
@@ -122,7 +123,7 @@ def table(n: int = N, d: int = D, v: int = V, pairs: int = 0) -> list[Row]:
         return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
 
     def compile_(mesh_, fn, arrays):
-        with jax.set_mesh(mesh_):
+        with _compat.set_mesh(mesh_):
             step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
             return step, step.lower(*arrays).compile()
 

@@ -55,6 +55,20 @@ def explicit_axes(mesh) -> tuple:
     return tuple(n for n, t in zip(mesh.axis_names, types, strict=True) if t == axis_type.Explicit)
 
 
+def reshard(x: jax.Array, sharding) -> jax.Array:
+    """``jax.sharding.reshard`` (``jax.experimental.shard.reshard`` before jax 0.7)."""
+    fn = getattr(jax.sharding, "reshard", None)
+    if fn is None:
+        from jax.experimental.shard import reshard as fn
+    return fn(x, sharding)
+
+
+def set_mesh(mesh):
+    """``jax.set_mesh`` (``jax.sharding.use_mesh`` before jax 0.7): a context manager."""
+    fn = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    return fn(mesh)
+
+
 def unsharded(x: jax.Array) -> jax.Array:
     """``x`` replicated, where its type carries an explicit sharding; else ``x`` itself.
 
@@ -67,7 +81,7 @@ def unsharded(x: jax.Array) -> jax.Array:
         return x
     if all(e is None for e in sharding.spec):
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def explicit_spec(x) -> tuple | None:
@@ -112,9 +126,7 @@ def shard_map_args(f, mesh, args: tuple, in_specs: tuple, out_specs, *, check_vm
     specs = tuple(in_specs[i] for i in live)
     explicit = bool(explicit_axes(mesh))
     xs = [
-        jax.sharding.reshard(args[i], jax.sharding.NamedSharding(mesh, spec))
-        if explicit
-        else args[i]
+        reshard(args[i], jax.sharding.NamedSharding(mesh, spec)) if explicit else args[i]
         for i, spec in zip(live, specs, strict=True)
     ]
     smap = shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=check_vma)

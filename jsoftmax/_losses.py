@@ -90,7 +90,7 @@ def _gather_label(values: jax.Array, idx: jax.Array, owned, axis_name, axis=None
         # Explicitly sharded labels: a replicated vector gathered per shard (JAX asks
         # for the output sharding; it is the labels').
         mesh = _compat.explicit_spec(idx)[0]
-        values = jax.sharding.reshard(values, NamedSharding(mesh, P()))
+        values = _compat.reshard(values, NamedSharding(mesh, P()))
         v = values.at[idx].get(out_sharding=jax.typeof(idx).sharding)
     elif axis is None:
         v = values[idx]
@@ -432,7 +432,7 @@ def _pallas_rows(layout, x, labels, weight, axis, ignore_index, eps, lam, acc):
     mesh, spec = layout
     x_spec, row_spec = P(*spec), P(*spec[:axis], *spec[axis + 1 :])
     args = [(x, x_spec), (labels, row_spec)] + ([] if weight is None else [(weight, P())])
-    xs = [jax.sharding.reshard(a, NamedSharding(mesh, sp)) for a, sp in args]
+    xs = [_compat.reshard(a, NamedSharding(mesh, sp)) for a, sp in args]
     # check_vma=False: a pallas_call's outputs carry no varying-axes type; shard_map
     # then sums the class weights' cotangent over the shards itself.
     smap = jax.shard_map(

@@ -14,17 +14,19 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jsoftmax as jsm
+from jsoftmax import _compat
 
-import jsoftmax as jsm  # noqa: E402
+# Two CPU devices per process. The test starts this file with these variables set (this
+# module is also imported by the test, where they must not change the session's devices).
+ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
 
 # The tiny LM's sizes and data: shared with the test, which builds the reference.
 BATCH, SEQ, D_MODEL, VOCAB = 8, 6, 16, 64
@@ -82,7 +84,7 @@ def main(process_id: int, port: int, out_dir: str, mode: str) -> None:
         h = hidden_states(params, inputs)
         return jsm.linear_cross_entropy(h, params["head"], labels, chunk_size=8, **kw)
 
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
         step = jax.jit(jax.value_and_grad(loss_fn))
         loss, grads = step(params, inputs, labels)
         hlo = step.lower(params, inputs, labels).compile().as_text()

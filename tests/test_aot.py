@@ -161,7 +161,7 @@ def _compile_sharded(mesh, loss, h_spec, w_spec):
         jax.ShapeDtypeStruct((d, v), jnp.bfloat16, sharding=on(w_spec)),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=on(P(h_spec[0]))),
     )
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):  # the [aot] extra pins the newest jax
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
 
 

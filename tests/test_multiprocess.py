@@ -54,7 +54,7 @@ def _reference():
 @pytest.mark.parametrize("mode", ["explicit", "auto"])
 def test_two_processes_match_single_process_float64(mode, tmp_path):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {**os.environ, **worker.ENV}
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(i), str(port), str(tmp_path), mode],

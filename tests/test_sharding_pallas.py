@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jsoftmax as jsm
-from jsoftmax import kernels
+from jsoftmax import _compat, kernels
 
 N, C, D = 16, 256, 32
 
@@ -134,12 +134,14 @@ def pallas_row_counts(jaxpr) -> list[int]:
 @pytest.mark.parametrize("layout", list(ROWS))
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_explicit_rows_run_per_shard(route, layout):
+    if route.startswith("jsm.cross_entropy") and jax.__version_info__ < (0, 7):
+        pytest.skip("jsm.cross_entropy on explicitly sharded rows needs jax >= 0.7")
     fn, argnums, _ = ROUTES[route]
     args = route_args(route)
     grad = jax.value_and_grad(fn, argnums=argnums)
     ref_value, ref_grads = jax.jit(grad)(*args)
     mesh = mesh_of(AxisType.Explicit)
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
         sharded = place(mesh, args, ROWS[layout])
         step = jax.jit(grad)
         value, grads = step(*sharded)
@@ -161,7 +163,7 @@ def test_explicit_rows_run_per_shard(route, layout):
 def test_explicit_class_axis_sharded_is_an_error(route):
     fn = ROUTES[route][0]
     mesh = mesh_of(AxisType.Explicit)
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
         sharded = place(mesh, route_args(route), P(None, "model"))
         with pytest.raises(ValueError, match="no cross-shard logsumexp"):
             jax.jit(fn)(*sharded)
@@ -172,7 +174,7 @@ def test_explicit_class_axis_sharded_is_an_error(route):
 def test_explicit_sharded_head_is_an_error(fn, head):
     """On V (no cross-shard logsumexp) or on D (FSDP: the kernel would need it gathered)."""
     mesh = mesh_of(AxisType.Explicit)
-    with jax.set_mesh(mesh):
+    with _compat.set_mesh(mesh):
         sharded = place(mesh, route_args("kernels.linear_cross_entropy"), P("data", None), head)
         with pytest.raises(ValueError, match="needs? the whole head on every device"):
             jax.jit(fn)(*sharded)
