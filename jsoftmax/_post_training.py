@@ -398,7 +398,7 @@ def orpo_loss(
     References:
       Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
       Model", https://arxiv.org/abs/2403.07691 ; Mächler 2012, "Accurately Computing
-      log(1 - exp(-|a|))" (``log1mexp``).
+      ``log(1 - exp(-|a|))``" (``log1mexp``).
     """
     beta = _positive_beta(beta)
     reduction = check.reduction(reduction)
