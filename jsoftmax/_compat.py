@@ -84,6 +84,13 @@ def unsharded(x: jax.Array) -> jax.Array:
     return reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def entry_axes(entry) -> tuple:
+    """The mesh axes of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+
+
 def explicit_spec(x) -> tuple | None:
     """``(mesh, spec)`` of ``x`` where its type carries an explicit sharding, else ``None``.
 

@@ -362,11 +362,7 @@ HEAD_SHARDED = (
 )
 
 
-def entry_axes(entry: Any) -> tuple:
-    """The mesh axes of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+entry_axes = _compat.entry_axes
 
 
 def row_sharding(kernel: str, whole: dict[str, Any], rows_of: dict[str, Any]):

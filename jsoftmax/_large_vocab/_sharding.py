@@ -126,11 +126,7 @@ def _label_weights(cw, y, keep, cfg):
 # ------------------------------------------- placement under jax.jit with sharded inputs
 
 
-def _entry_axes(entry) -> tuple:
-    """The mesh axes of one ``PartitionSpec`` entry (``None``, a name or a tuple)."""
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+_entry_axes = _compat.entry_axes
 
 
 def _joined(axes: tuple):
@@ -195,26 +191,6 @@ class Placement(NamedTuple):
                 )
 
 
-def _explicit_mesh(x):
-    """The mesh of ``x``'s type where it has explicit axes, else ``None``."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or getattr(mesh, "empty", True) or not _compat.explicit_axes(mesh):
-        return None
-    return mesh
-
-
-def _explicit_spec(x) -> tuple | None:
-    """``x``'s partition spec where its sharding is explicit at trace time, else ``None``.
-
-    In JAX's explicit sharding mode (mesh axes of ``AxisType.Explicit``) an array's type
-    carries its sharding; in the default auto mode, and inside ``shard_map`` (manual
-    axes), it does not, and the partitioner decides later.
-    """
-    found = None if x is None else _compat.explicit_spec(x)
-    return None if found is None else found[1]
-
-
 def explicit_placement(hidden, linear_weight, layout: str, *others) -> Placement | None:
     """The placement of a call whose inputs are sharded in explicit mode, or ``None``.
 
@@ -223,13 +199,15 @@ def explicit_placement(hidden, linear_weight, layout: str, *others) -> Placement
     the tokens and the vocabulary would mix different tokens in the vocab-parallel
     sums, so the tokens are gathered over it (the hidden states are the small operand).
     """
-    inputs = (hidden, linear_weight, *others)
-    specs = [_explicit_spec(x) for x in inputs]
-    if all(s is None for s in specs):
+    # (mesh, spec) where an input's type carries an explicit sharding (_compat.explicit_spec).
+    found = [
+        None if x is None else _compat.explicit_spec(x) for x in (hidden, linear_weight, *others)
+    ]
+    if all(f is None for f in found):
         return None
-    mesh = next(jax.typeof(x).sharding.mesh for x, s in zip(inputs, specs, strict=True) if s)
-    h_spec = specs[0] or (None,) * jnp.ndim(hidden)
-    w_spec = specs[1] or (None, None)
+    mesh = next(f[0] for f in found if f is not None)
+    h_spec = found[0][1] if found[0] else (None,) * jnp.ndim(hidden)
+    w_spec = found[1][1] if found[1] else (None, None)
     vocab_dim = 1 if layout == "dv" else 0
     vocab = _entry_axes(w_spec[vocab_dim])
     fsdp = _entry_axes(w_spec[1 - vocab_dim])
